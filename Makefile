@@ -1,0 +1,33 @@
+# Two commands a newcomer needs: `make test` and `make demo`. Both create .venv with python3.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint typing check demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy --strict langfuse_mw
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+
+typing: $(STAMP)
+	$(BIN)/python -m mypy --strict langfuse_mw
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/asgi_overhead.py
+
+demo: $(STAMP)
+	$(BIN)/python -m demo_apps.run
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
