@@ -6,7 +6,7 @@ import gzip
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 __all__ = ["SpanDict", "any_value", "attributes", "decode_protobuf", "spans_from_request"]
 
@@ -27,7 +27,6 @@ def any_value(value: AnyValue) -> Any:
 
 def attributes(pairs: Any) -> dict[str, Any]:
     """Return OTLP key/value pairs as a dict."""
-    kv: KeyValue
     return {kv.key: any_value(kv.value) for kv in pairs}
 
 
@@ -35,7 +34,8 @@ def decode_protobuf(body: bytes, *, gzipped: bool = False) -> ExportTraceService
     """Parse a (possibly gzip-compressed) protobuf ``ExportTraceServiceRequest``."""
     if gzipped:
         body = gzip.decompress(body)
-    return ExportTraceServiceRequest.FromString(body)
+    request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(body)
+    return request
 
 
 def spans_from_request(request: ExportTraceServiceRequest) -> list[SpanDict]:

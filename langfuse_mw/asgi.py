@@ -1,0 +1,239 @@
+"""``LangfuseMiddleware``: pure ASGI (Starlette, FastAPI, any ASGI app)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from . import runtime
+from ._failsafe import report
+from ._routes import route_template
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .config import resolve_settings
+from .core import Observation, RequestInfo, RequestTracer
+
+__all__ = ["LangfuseMiddleware"]
+
+
+class LangfuseMiddleware:
+    """Trace every HTTP request and WebSocket connection of an ASGI app into Langfuse.
+
+    ``app.add_middleware(LangfuseMiddleware, **options)`` or ``LangfuseMiddleware(app, **options)``.
+    """
+
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
+        self.app = app
+        self.settings = resolve_settings(options)
+        self.tracer = RequestTracer(self.settings)
+        self._rid_name = self.settings.request_id_header.encode("latin-1")
+        runtime.get_runtime(self.settings)  # build (or warn about) the runtime at start-up
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if self.tracer.is_excluded(scope["method"], scope["path"]):
+                await self.app(scope, receive, send)
+                return
+        elif kind == "lifespan":
+            await self.app(scope, receive, _lifespan_send(send, self.settings.shutdown_timeout))
+            return
+        elif kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        obs = self.tracer.begin(self._info(scope, kind))
+        if obs is None:
+            await self.app(scope, receive, send)
+            return
+        exchange = _Exchange(self, obs, scope, receive, send)
+        try:
+            await self.app(scope, exchange.receive, exchange.send)
+        except Exception as exc:
+            obs.record_exception(exc)
+            raise
+        except asyncio.CancelledError:
+            obs.mark_disconnected()  # servers cancel the app when the client goes away
+            raise
+        finally:
+            exchange.close()
+            obs.detach()
+
+    def _info(self, scope: Scope, kind: str) -> RequestInfo:
+        wanted = self.tracer.header_names_bytes
+        headers: dict[str, str] = {}
+        for name, value in scope.get("headers") or ():
+            if name in wanted:
+                key = name.decode("latin-1")
+                text = value.decode("latin-1")
+                headers[key] = f"{headers[key]},{text}" if key in headers else text
+        client = scope.get("client")
+        return RequestInfo(
+            scope.get("method", "GET"),
+            scope.get("path", ""),
+            scope.get("query_string", b"").decode("latin-1"),
+            headers,
+            client[0] if client else None,
+            "asgi",
+            kind,
+            scope,
+        )
+
+
+class _Exchange:
+    """Per-request state between the server and the app (never on the middleware)."""
+
+    __slots__ = (
+        "_completed_ns", "_disconnect", "_inbox", "_pump", "_reading", "_receive", "_send",
+        "echo", "mw", "obs", "path", "root_path", "scope", "top_app",
+    )  # fmt: skip
+
+    def __init__(self, mw: LangfuseMiddleware, obs: Observation, scope: Scope,
+                 receive: Receive, send: Send) -> None:  # fmt: skip
+        self.mw, self.obs, self.scope = mw, obs, scope
+        self._receive, self._send = receive, send
+        # Routers and mounted apps rewrite these on the way in; keep the originals. Wrapped
+        # around the app (not added to it), the app is ours to search for routes.
+        self.top_app = scope.get("app") or mw.app
+        self.path, self.root_path = scope.get("path", ""), scope.get("root_path", "")
+        echo = mw.settings.echo_request_id
+        # Request ids are printable ASCII by construction (core._check_request_id).
+        self.echo = (mw._rid_name, obs.request_id.encode("ascii")) if echo else None
+        self._completed_ns = 0
+        self._reading = 0
+        self._inbox: asyncio.Queue[Message] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._disconnect: Message | None = None
+
+    def finish(self) -> None:
+        obs = self.obs
+        if not obs.ended:
+            obs.set_route(route_template(self.scope, self.top_app, self.path, self.root_path))
+            obs.end(self._completed_ns)
+
+    def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        self.finish()
+
+    def disconnected(self) -> None:
+        if not self.obs.ended:
+            self.obs.mark_disconnected()
+            self.finish()
+
+    async def send(self, message: Message) -> None:
+        obs = self.obs
+        last = False
+        try:
+            kind = message["type"]
+            if kind == "http.response.start" or kind == "websocket.http.response.start":
+                obs.set_status(message["status"])
+                message = self._echo_header(message)
+            elif kind == "http.response.body":
+                obs.add_body(len(message.get("body", b"")))
+                last = not message.get("more_body", False)
+                if not last and self._pump is None:
+                    self._start_pump()
+            elif kind == "http.response.pathsend":
+                last = True
+            elif kind == "websocket.accept":
+                obs.set_status(101)
+                message = self._echo_header(message)
+            elif kind == "websocket.close" and obs.status is None:
+                obs.set_status(403)  # closing before accept is a denial (ASGI spec)
+        except Exception as exc:
+            report("asgi.send", exc)
+        try:
+            await self._send(message)
+        except OSError:
+            # The server could not write: the client is gone (ASGI 2.4 servers raise here).
+            self.disconnected()
+            raise
+        if last:
+            self._completed_ns = time.time_ns()
+            # A 5xx may be Starlette's answer to an exception that reaches us right after:
+            # end when the app returns (with this time) so the exception is recorded too.
+            if (obs.status or 0) < 500:
+                self.finish()
+
+    async def receive(self) -> Message:
+        if self._disconnect is not None:
+            return self._disconnect
+        if self._inbox is not None:
+            message = await self._inbox.get()
+        else:
+            self._reading += 1
+            try:
+                message = await self._receive()
+            finally:
+                self._reading -= 1
+        if message["type"] == "http.disconnect":
+            self._disconnect = message
+            self.disconnected()
+        return message
+
+    def _start_pump(self) -> None:
+        # A streaming response: watch for the client leaving while the app writes, so the
+        # observation ends at the disconnect and not at the next write (which can be minutes
+        # away on a quiet SSE stream). From here on we are the only reader of the server's
+        # receive and hand its messages to the app in order. Not while the app is itself
+        # waiting in receive (two readers could split messages), and only on asyncio.
+        if self._reading or self.obs.ended:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+
+        async def pump() -> None:
+            while True:
+                message = await self._receive()
+                inbox.put_nowait(message)
+                if message["type"] == "http.disconnect":
+                    self.disconnected()
+                    return
+
+        self._inbox = inbox
+        self._pump = loop.create_task(pump())
+        self._pump.add_done_callback(_consume)
+
+    def _echo_header(self, message: Message) -> Message:
+        header = self.echo
+        if header is None:
+            return message
+        headers = message.get("headers") or []
+        for key, _ in headers:
+            if key.lower() == header[0]:
+                return message  # the application set its own: it wins
+        # A new message and list: frameworks reuse their header lists (Starlette Response).
+        return {**message, "headers": [*headers, header]}
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    # A receive that failed in the pump (the server tore down the connection) is not ours
+    # to report; retrieving it keeps asyncio from logging "exception never retrieved".
+    if not task.cancelled():
+        task.exception()
+
+
+def _lifespan_send(send: Send, timeout: float) -> Send:
+    async def lifespan_send(message: Message) -> None:
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            await _flush_off_loop(timeout)
+        await send(message)
+
+    return lifespan_send
+
+
+async def _flush_off_loop(timeout: float) -> None:
+    # Flushing waits on the export thread; keep the event loop free meanwhile.
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio): a bounded wait at shutdown is acceptable
+        runtime.flush(timeout)
+        return
+    try:
+        await loop.run_in_executor(None, runtime.flush, timeout)
+    except Exception as exc:
+        report("lifespan.flush", exc)

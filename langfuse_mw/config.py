@@ -1,0 +1,248 @@
+"""One frozen settings object, resolved once: explicit argument > environment variable > default."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from .core import RequestInfo
+
+__all__ = ["ConfigError", "Settings", "resolve_settings"]
+
+Level = Literal["DEBUG", "DEFAULT", "WARNING", "ERROR"]
+_LEVELS = ("DEBUG", "DEFAULT", "WARNING", "ERROR")
+_ENVIRONMENT = re.compile(r"(?!langfuse)[a-z0-9_-]{1,40}")
+# HTTP field names are RFC 9110 tokens; we compare them lower-cased.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+
+DEFAULT_REDACT_QUERY_KEYS = (
+    "token", "key", "secret", "password", "passwd", "pwd", "auth", "sig",
+    "session", "code", "credential", "jwt",
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """An option has a value that is not allowed; the message names the option."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every option of langfuse_mw, resolved once at start-up (see docs/configuration.md)."""
+
+    # Connection and runtime (one per process).
+    public_key: str | None = None
+    secret_key: str | None = None
+    base_url: str = "https://cloud.langfuse.com"
+    environment: str | None = None
+    release: str | None = None
+    enabled: bool = True
+    flush_interval: float = 1.0
+    max_batch_size: int = 512
+    max_queue_size: int = 8192
+    export_timeout: float = 5.0
+    shutdown_timeout: float = 2.0
+    compression: Literal["gzip", "none"] = "gzip"
+    tracer_provider: Any = None
+
+    # Per request.
+    request_id_header: str = "x-request-id"
+    user_id_header: str = "x-user-id"
+    session_id_header: str = "x-session-id"
+    echo_request_id: bool = True
+    request_id_validator: Callable[[str], bool] | None = None
+    user_id_from: Callable[[RequestInfo], str | None] | None = None
+    session_id_from: Callable[[RequestInfo], str | None] | None = None
+    exclude_paths: tuple[str, ...] = ()
+    exclude_methods: frozenset[str] = frozenset({"OPTIONS"})
+    redact_query_keys: tuple[str, ...] = DEFAULT_REDACT_QUERY_KEYS
+    capture_client_ip: bool = False
+    level_4xx: Level = "WARNING"
+
+    # Where each value came from ("argument", "env:NAME", "default"); for `doctor` and logs.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def runtime_key(self) -> tuple[Any, ...]:
+        """Return the options that shape the process-wide runtime (not per-request behaviour)."""
+        return tuple(getattr(self, name) for name in RUNTIME_OPTIONS)
+
+
+RUNTIME_OPTIONS = (
+    "public_key", "secret_key", "base_url", "environment", "release", "enabled",
+    "flush_interval", "max_batch_size", "max_queue_size", "export_timeout",
+    "shutdown_timeout", "compression", "tracer_provider",
+)  # fmt: skip
+
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "sources")
+_CALLABLE_OPTIONS = ("request_id_validator", "user_id_from", "session_id_from", "tracer_provider")
+# Options that also read the Langfuse SDK's own variables, so one set of env vars serves both.
+_SDK_ENV = {
+    "public_key": ("LANGFUSE_PUBLIC_KEY",),
+    "secret_key": ("LANGFUSE_SECRET_KEY",),
+    "base_url": ("LANGFUSE_BASE_URL", "LANGFUSE_HOST"),
+    "environment": ("LANGFUSE_TRACING_ENVIRONMENT",),
+    "release": ("LANGFUSE_RELEASE",),
+}
+
+
+def _env_names(name: str) -> tuple[str, ...]:
+    return (f"LANGFUSE_MW_{name.upper()}", *_SDK_ENV.get(name, ()))
+
+
+def _parse_bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected a boolean (true/false/1/0/yes/no/on/off), got {raw!r}")
+
+
+def _parse_number(name: str, raw: Any, kind: type[int] | type[float], minimum: float) -> Any:
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a {kind.__name__}, got {raw!r}") from None
+    if isinstance(raw, bool) or value < minimum:
+        raise ConfigError(f"{name}: expected a {kind.__name__} >= {minimum}, got {raw!r}")
+    return value
+
+
+def _parse_list(name: str, raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        items: Iterable[Any] = (part.strip() for part in raw.split(","))
+    elif isinstance(raw, Iterable):
+        items = raw
+    else:
+        raise ConfigError(f"{name}: expected a list of strings or a comma-separated string")
+    out = tuple(item for item in items if item != "")
+    if not all(isinstance(item, str) for item in out):
+        raise ConfigError(f"{name}: expected strings only, got {raw!r}")
+    return out
+
+
+def _parse_header(name: str, raw: Any) -> str:
+    value = str(raw).strip().lower()
+    if not _HEADER_NAME.fullmatch(value):
+        raise ConfigError(f"{name}: {raw!r} is not a valid HTTP header name")
+    return value
+
+
+def _parse_optional_text(name: str, raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ConfigError(f"{name}: expected a string, got {type(raw).__name__}")
+    return raw.strip() or None
+
+
+def _parse(name: str, raw: Any) -> Any:
+    """Turn an argument or an env var string into the option's type, or raise ConfigError."""
+    if name in ("public_key", "secret_key", "release"):
+        return _parse_optional_text(name, raw)
+    if name == "base_url":
+        url = str(raw).strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"base_url: expected an http(s) URL such as https://cloud.langfuse.com, got {raw!r}"
+            )
+        return url
+    if name == "environment":
+        env = _parse_optional_text(name, raw)
+        if env is not None and not _ENVIRONMENT.fullmatch(env):
+            raise ConfigError(
+                f"environment: {raw!r} is not allowed; Langfuse accepts 1-40 characters of "
+                "[a-z0-9_-] not starting with 'langfuse'"
+            )
+        return env
+    if name in ("enabled", "echo_request_id", "capture_client_ip"):
+        return _parse_bool(name, raw)
+    if name in ("flush_interval", "export_timeout", "shutdown_timeout"):
+        return float(_parse_number(name, raw, float, 0.01))
+    if name in ("max_batch_size", "max_queue_size"):
+        return _parse_number(name, raw, int, 1)
+    if name == "compression":
+        value = str(raw).strip().lower()
+        if value not in ("gzip", "none"):
+            raise ConfigError(f"compression: expected 'gzip' or 'none', got {raw!r}")
+        return value
+    if name.endswith("_header"):
+        return _parse_header(name, raw)
+    if name == "exclude_paths":
+        patterns = _parse_list(name, raw)
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(
+                    f"exclude_paths: {pattern!r} is not a valid regex ({exc})"
+                ) from None
+        return patterns
+    if name == "exclude_methods":
+        return frozenset(method.upper() for method in _parse_list(name, raw))
+    if name == "redact_query_keys":
+        return tuple(key.lower() for key in _parse_list(name, raw))
+    if name == "level_4xx":
+        level = str(raw).strip().upper()
+        if level not in _LEVELS:
+            raise ConfigError(f"level_4xx: expected one of {', '.join(_LEVELS)}, got {raw!r}")
+        return level
+    if name in _CALLABLE_OPTIONS:
+        if raw is not None and name != "tracer_provider" and not callable(raw):
+            raise ConfigError(f"{name}: expected a callable, got {type(raw).__name__}")
+        return raw
+    raise AssertionError(name)  # pragma: no cover - every option is listed above
+
+
+def resolve_settings(
+    options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build Settings: explicit options, then ``LANGFUSE_MW_*``/Langfuse env vars, then defaults.
+
+    Unknown option names raise TypeError; invalid values raise ConfigError (a ValueError).
+    """
+    options = dict(options or {})
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        hints = [difflib.get_close_matches(name, _OPTION_NAMES, n=1) for name in unknown]
+        detail = ", ".join(
+            f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            for name, hint in zip(unknown, hints, strict=True)
+        )
+        raise TypeError(f"langfuse_mw: unknown option {detail}")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in _OPTION_NAMES:
+        if name in options:
+            values[name] = _parse(name, options[name])
+            sources[name] = "argument"
+            continue
+        if name in _CALLABLE_OPTIONS:
+            continue
+        for env_name in _env_names(name):
+            raw = environ.get(env_name)
+            if raw is not None and raw.strip() != "":
+                try:
+                    values[name] = _parse(name, raw)
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc} (from ${env_name})") from None
+                sources[name] = f"env:{env_name}"
+                break
+        else:
+            sources[name] = "default"
+    # The Langfuse SDK's switch turns us off too, so one variable disables all tracing.
+    if "enabled" not in options and environ.get("LANGFUSE_TRACING_ENABLED", "").lower() == "false":
+        values["enabled"] = False
+        sources["enabled"] = "env:LANGFUSE_TRACING_ENABLED"
+    return Settings(**values, sources=sources)

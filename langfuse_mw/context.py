@@ -1,0 +1,89 @@
+"""The request context: ids of the current request, readable anywhere the request's code runs."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+from opentelemetry import context as otel_context
+
+__all__ = [
+    "RequestContext",
+    "bind_context",
+    "get_request_context",
+    "run_with_context",
+    "submit_with_context",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Ids of the request being served; ``trace_id``/``observation_id`` are lower-case hex."""
+
+    request_id: str
+    user_id: str | None
+    session_id: str | None
+    trace_id: str
+    observation_id: str
+    # The OpenTelemetry context of the request (parent span, propagated user/session), so
+    # run_with_context() can nest work done elsewhere under the request's observation.
+    otel_context: otel_context.Context | None = field(default=None, repr=False, compare=False)
+
+
+_current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "langfuse_mw_request", default=None
+)
+
+
+def get_request_context() -> RequestContext | None:
+    """Return the context of the request being served, or None outside a traced request."""
+    return _current.get()
+
+
+def _set(ctx: RequestContext | None) -> contextvars.Token[RequestContext | None]:
+    return _current.set(ctx)
+
+
+def _reset(token: contextvars.Token[RequestContext | None]) -> None:
+    _current.reset(token)
+
+
+def run_with_context(
+    ctx: RequestContext, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
+) -> R:
+    """Call ``fn`` with ``ctx`` as the current request (for example in a thread you started)."""
+    token = _current.set(ctx)
+    otel_token = otel_context.attach(ctx.otel_context) if ctx.otel_context is not None else None
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if otel_token is not None:
+            otel_context.detach(otel_token)
+        _current.reset(token)
+
+
+def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """Return ``fn`` bound to a copy of the caller's context, to run later in any thread."""
+    snapshot = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def bound(*args: P.args, **kwargs: P.kwargs) -> R:
+        # A Context can be entered by one thread at a time; copy again so the bound
+        # function can run concurrently (e.g. mapped over a pool).
+        return snapshot.copy().run(fn, *args, **kwargs)
+
+    return bound
+
+
+def submit_with_context(
+    executor: Executor, fn: Callable[..., R], /, *args: Any, **kwargs: Any
+) -> Future[R]:
+    """``executor.submit`` that carries the request context (and its observation) into the task."""
+    return executor.submit(bind_context(fn), *args, **kwargs)

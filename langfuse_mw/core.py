@@ -1,0 +1,443 @@
+"""Begin and finish the root observation of a request. Knows no web framework.
+
+An adapter turns its request into a ``RequestInfo``, calls ``RequestTracer.begin`` and reports
+what happens (route, status, body bytes, exception, disconnect) to the returned ``Observation``,
+then calls ``end()`` when the last byte left and ``detach()`` where ``begin`` ran.
+
+The root observation is not an OpenTelemetry SDK span while the request runs: the request's
+OTel context holds only its span context (so the handler's Langfuse observations nest under
+it and inherit user and session), and the exported span is built once, at the end, with the
+attributes the langfuse SDK would have set. That keeps the request path to a few dict writes.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring, encode_basestring_ascii
+from typing import Any
+
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import _failsafe, runtime
+from .config import Settings
+from .context import RequestContext
+from .context import _current as _request_var
+from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
+from .headers import truncate as _truncate
+
+__all__ = ["Observation", "RequestInfo", "RequestTracer"]
+
+UNMATCHED = "<unmatched>"
+MAX_MESSAGE = 1024
+MAX_STACKTRACE = 8192
+# W3C caps: a traceparent is 55 characters in version 00; anything far longer is not worth parsing.
+MAX_TRACEPARENT = 512
+MAX_BAGGAGE = 8192
+MAX_CUSTOM_ID = 1024
+
+_tracecontext = TraceContextTextMapPropagator()
+_baggage = W3CBaggagePropagator()
+_SAMPLED = otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)
+_getrandbits = random.getrandbits
+
+# Attribute names Langfuse reads (shared/LANGFUSE_OTEL.md §6).
+A_TYPE = "langfuse.observation.type"
+A_INPUT = "langfuse.observation.input"
+A_OUTPUT = "langfuse.observation.output"
+A_LEVEL = "langfuse.observation.level"
+A_STATUS_MESSAGE = "langfuse.observation.status_message"
+A_META = "langfuse.observation.metadata."
+A_TRACE_NAME = "langfuse.trace.name"
+A_USER = "user.id"
+A_SESSION = "session.id"
+A_ENVIRONMENT = "langfuse.environment"
+A_APP_ROOT = "langfuse.internal.is_app_root"
+# Context keys the langfuse SDK reads when a child observation starts (propagate_attributes).
+CTX_USER = "langfuse.propagated.user_id"
+CTX_SESSION = "langfuse.propagated.session_id"
+BAGGAGE_TRACE_ID = "langfuse_trace_id"
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the core needs to know about a request, built by an adapter.
+
+    ``headers`` holds lower-cased names (only those in ``RequestTracer.header_names`` need be
+    present; repeated headers joined with ","). ``raw`` is the framework's own request object
+    (ASGI scope, WSGI environ, Flask or Django request) for ``user_id_from`` callables.
+    """
+
+    method: str
+    path: str
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    client_ip: str | None = None
+    framework: str = "asgi"
+    kind: str = "http"
+    raw: Any = None
+
+
+class RequestTracer:
+    """Per-middleware request logic built once from Settings; adapters call ``begin``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._exclude = (
+            re.compile("|".join(f"(?:{p})" for p in settings.exclude_paths))
+            if settings.exclude_paths
+            else None
+        )
+        self._exclude_methods = settings.exclude_methods
+        self._redactor = compile_redactor(settings.redact_query_keys)
+        self._validate_request_id = settings.request_id_validator or is_valid_request_id
+        self.request_id_header = settings.request_id_header
+        names = {
+            settings.request_id_header,
+            "traceparent",
+            "tracestate",
+            "baggage",
+            "user-agent",
+        }
+        if settings.user_id_from is None:
+            names.add(settings.user_id_header)
+        if settings.session_id_from is None:
+            names.add(settings.session_id_header)
+        self.header_names = frozenset(names)
+        self.header_names_bytes = frozenset(name.encode("latin-1") for name in names)
+
+    def is_excluded(self, method: str, path: str) -> bool:
+        """True when the request must not be traced at all (no span, next to no cost)."""
+        if method in self._exclude_methods:
+            return True
+        return self._exclude is not None and self._exclude.fullmatch(path) is not None
+
+    def begin(self, info: RequestInfo) -> Observation | None:
+        """Start the root observation and make it current; None when tracing is off or failed."""
+        try:
+            rt = runtime._runtime or runtime.get_runtime(self.settings)
+            if not rt.enabled:
+                return None
+            return self._begin(info, rt)
+        except Exception as exc:
+            _failsafe.report("begin", exc)
+            return None
+
+    def _begin(self, info: RequestInfo, rt: runtime.Runtime) -> Observation:
+        settings = self.settings
+        headers = info.headers
+        request_id = headers.get(self.request_id_header)
+        if request_id is None:
+            request_id = new_request_id()
+        elif not self._check_request_id(request_id):
+            _failsafe.reject("request_id")
+            request_id = new_request_id()
+        user_id = self._identity(settings.user_id_from, settings.user_id_header, info, "user_id")
+        session_id = self._identity(
+            settings.session_id_from, settings.session_id_header, info, "session_id"
+        )
+
+        parent = _remote_parent(headers)
+        span_id = _getrandbits(64) or 1
+        if parent is not None:
+            trace_id = parent.trace_id
+            trace_state = parent.trace_state
+        else:
+            trace_id = _getrandbits(128) or 1
+            trace_state = None
+        span_context = SpanContext(trace_id, span_id, False, _SAMPLED, trace_state)
+        trace_hex = f"{trace_id:032x}"
+
+        ctx = otel_trace.set_span_in_context(NonRecordingSpan(span_context), otel_context.Context())
+        # The langfuse SDK's claim that this trace's root is exported (so children don't mark
+        # themselves app root), and the propagated user/session it copies onto every child.
+        ctx = otel_baggage.set_baggage(BAGGAGE_TRACE_ID, trace_hex, ctx)
+        if user_id is not None:
+            ctx = otel_context.set_value(CTX_USER, user_id, ctx)
+        if session_id is not None:
+            ctx = otel_context.set_value(CTX_SESSION, session_id, ctx)
+
+        obs = Observation(self, rt, info, request_id, user_id, session_id, span_context, parent)
+        obs.request_context = RequestContext(
+            request_id, user_id, session_id, trace_hex, f"{span_id:016x}", ctx
+        )
+        obs._otel_token = otel_context.attach(ctx)
+        obs._request_token = _request_var.set(obs.request_context)
+        return obs
+
+    def _check_request_id(self, value: str) -> bool:
+        # Whatever a custom validator accepts, the id is echoed in a header and logged:
+        # control characters (CR/LF, NUL) and non-ASCII never pass.
+        if not (len(value) <= MAX_CUSTOM_ID and value.isascii() and value.isprintable()):
+            return False
+        try:
+            return bool(self._validate_request_id(value))
+        except Exception as exc:
+            _failsafe.report("request_id_validator", exc)
+            return False
+
+    def _identity(self, source: Any, header: str, info: RequestInfo, cause: str) -> str | None:
+        if source is not None:
+            try:
+                value = source(info)
+            except Exception as exc:
+                _failsafe.report(f"{cause}_from", exc)
+                return None
+            if value is None:
+                return None
+            cleaned = clean_id(value) if isinstance(value, str) else None
+        else:
+            value = info.headers.get(header)
+            if value is None:
+                return None
+            cleaned = clean_id(value)
+        if cleaned is None:
+            _failsafe.reject(cause)
+        return cleaned
+
+
+def _remote_parent(headers: Mapping[str, str]) -> SpanContext | None:
+    traceparent = headers.get("traceparent")
+    if traceparent is None or len(traceparent) > MAX_TRACEPARENT:
+        if traceparent is not None:
+            _failsafe.reject("traceparent")
+        return None
+    carrier = {"traceparent": traceparent}
+    tracestate = headers.get("tracestate")
+    if tracestate is not None:
+        carrier["tracestate"] = tracestate
+    parent = otel_trace.get_current_span(_tracecontext.extract(carrier)).get_span_context()
+    if not parent.is_valid:
+        _failsafe.reject("traceparent")
+        return None
+    return parent
+
+
+def _claimed_by_upstream(headers: Mapping[str, str], trace_hex: str) -> bool:
+    # The langfuse SDK upstream claims the trace's root in baggage; then our root is not the
+    # app root. Only that one entry is read here: user/session baggage is not trusted.
+    raw = headers.get("baggage")
+    if not raw or len(raw) > MAX_BAGGAGE:
+        return False
+    claimed = otel_baggage.get_baggage(BAGGAGE_TRACE_ID, _baggage.extract({"baggage": raw}))
+    return isinstance(claimed, str) and claimed.lower() == trace_hex
+
+
+class Observation:
+    """The root observation of one request, from ``begin`` to ``end``."""
+
+    __slots__ = (
+        "_otel_token",
+        "_request_token",
+        "bytes_sent",
+        "disconnected",
+        "ended",
+        "exception",
+        "first_byte_ns",
+        "info",
+        "parent",
+        "request_context",
+        "request_id",
+        "route",
+        "rt",
+        "session_id",
+        "span_context",
+        "start_ns",
+        "status",
+        "tracer",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        tracer: RequestTracer,
+        rt: runtime.Runtime,
+        info: RequestInfo,
+        request_id: str,
+        user_id: str | None,
+        session_id: str | None,
+        span_context: SpanContext,
+        parent: SpanContext | None,
+    ) -> None:
+        self.tracer = tracer
+        self.rt = rt
+        self.info = info
+        self.request_id = request_id
+        self.user_id = user_id
+        self.session_id = session_id
+        self.span_context = span_context
+        self.parent = parent
+        self.route: str | None = None
+        self.status: int | None = None
+        self.exception: BaseException | None = None
+        self.bytes_sent = 0
+        self.first_byte_ns = 0
+        self.disconnected = False
+        self.ended = False
+        self.start_ns = time.time_ns()
+        self.request_context: RequestContext | None = None
+        self._otel_token: Any = None
+        self._request_token: Any = None
+
+    # -- what adapters report ---------------------------------------------------------------
+
+    def set_route(self, template: str | None) -> None:
+        """Record the matched route template (e.g. ``/items/{item_id}``)."""
+        self.route = template
+
+    def set_status(self, status: int) -> None:
+        """Record the response status code."""
+        self.status = status
+
+    def add_body(self, size: int) -> None:
+        """Count response body bytes; the first call marks time to first byte."""
+        if not self.first_byte_ns:
+            self.first_byte_ns = time.time_ns()
+        self.bytes_sent += size
+
+    def record_exception(self, exc: BaseException) -> None:
+        """Remember the application's exception (the adapter re-raises it untouched)."""
+        if self.exception is None:
+            self.exception = exc
+
+    def mark_disconnected(self) -> None:
+        """The client went away before the response was complete."""
+        if not self.ended:
+            self.disconnected = True
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def end(self, end_ns: int | None = None) -> None:
+        """Build and queue the exported span, once; never raises.
+
+        ``end_ns`` lets an adapter end the observation later than the last byte left (to
+        learn about an exception still on its way) while keeping the last byte's time.
+        """
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self.rt.emit(self._build(end_ns or time.time_ns()))
+        except Exception as exc:
+            _failsafe.report("end", exc)
+
+    def detach(self) -> None:
+        """Restore the context that was current before ``begin`` (call where begin ran)."""
+        try:
+            if self._request_token is not None:
+                _request_var.reset(self._request_token)
+            if self._otel_token is not None:
+                otel_context.detach(self._otel_token)
+        except Exception as exc:  # a token from another context: nothing left to restore
+            _failsafe.report("detach", exc)
+        self._request_token = self._otel_token = None
+
+    def _build(self, end_ns: int) -> ReadableSpan:
+        info = self.info
+        settings = self.tracer.settings
+        route = self.route or UNMATCHED
+        name = f"{'WS' if info.kind == 'websocket' else info.method} {route}"
+        status = self.status
+        if status is None and self.exception is not None:
+            status = 500  # what the framework or server answers for an unhandled exception
+        query = redact_query(info.query, self.tracer._redactor)
+        attrs: dict[str, Any] = {
+            A_TYPE: "span",
+            A_INPUT: (
+                f'{{"method":{encode_basestring_ascii(info.method)},'
+                f'"path":{encode_basestring_ascii(_truncate(info.path))},'
+                f'"query":{encode_basestring_ascii(query)}}}'
+            ),
+            A_OUTPUT: f'{{"statusCode":{"null" if status is None else status}}}',
+            A_META + "requestId": encode_basestring(self.request_id),
+            A_META + "route": encode_basestring(route),
+            A_META + "framework": encode_basestring(info.framework),
+            A_META + "responseSize": str(self.bytes_sent),
+        }
+        if self.first_byte_ns:
+            ttfb = (self.first_byte_ns - self.start_ns) / 1e6
+            attrs[A_META + "timeToFirstByteMs"] = f"{ttfb:.3f}"
+        user_agent = info.headers.get("user-agent")
+        if user_agent:
+            attrs[A_META + "userAgent"] = encode_basestring(_truncate(user_agent, 512))
+        if settings.capture_client_ip and info.client_ip:
+            attrs[A_META + "clientIp"] = encode_basestring(info.client_ip)
+        if self.user_id is not None:
+            attrs[A_USER] = self.user_id
+            attrs[A_META + "userId"] = encode_basestring(self.user_id)
+        if self.session_id is not None:
+            attrs[A_SESSION] = self.session_id
+            attrs[A_META + "sessionId"] = encode_basestring(self.session_id)
+        if self.rt.environment:
+            attrs[A_ENVIRONMENT] = self.rt.environment
+        trace_hex = f"{self.span_context.trace_id:032x}"
+        if self.parent is None:
+            # Only the service that starts the trace names it: Langfuse keeps the latest
+            # non-empty trace name, so a downstream service would otherwise rename it.
+            attrs[A_TRACE_NAME] = name
+            attrs[A_APP_ROOT] = True
+        elif not _claimed_by_upstream(info.headers, trace_hex):
+            attrs[A_APP_ROOT] = True
+
+        events: tuple[Event, ...] = ()
+        otel_status = Status(StatusCode.UNSET)
+        level = None
+        message = None
+        exc = self.exception
+        if exc is not None:
+            level = "ERROR"
+            message = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
+            events = (_exception_event(exc, end_ns),)
+        elif status is not None and status >= 500:
+            level, message = "ERROR", f"HTTP {status}"
+        elif status is not None and status >= 400:
+            level, message = settings.level_4xx, f"HTTP {status}"
+        elif self.disconnected:
+            level, message = "WARNING", "client disconnected before the response completed"
+        if self.disconnected:
+            attrs[A_META + "disconnected"] = "true"
+        if level is not None and level != "DEFAULT":
+            attrs[A_LEVEL] = level
+        if message is not None:
+            attrs[A_STATUS_MESSAGE] = message
+        if level == "ERROR":
+            otel_status = Status(StatusCode.ERROR, message)
+
+        return ReadableSpan(
+            name=name,
+            context=self.span_context,
+            parent=self.parent,
+            resource=self.rt.resource,
+            attributes=attrs,
+            events=events,
+            kind=SpanKind.SERVER,
+            instrumentation_scope=self.rt.scope,
+            status=otel_status,
+            start_time=self.start_ns,
+            end_time=end_ns,
+        )
+
+
+def _exception_event(exc: BaseException, when: int) -> Event:
+    # Langfuse ignores exception events, but other OTLP consumers read them.
+    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return Event(
+        "exception",
+        {
+            "exception.type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "exception.message": _truncate(str(exc), MAX_MESSAGE),
+            "exception.stacktrace": _truncate(stack, MAX_STACKTRACE),
+            "exception.escaped": "True",
+        },
+        when,
+    )

@@ -1,0 +1,464 @@
+"""Exporting finished spans without ever blocking a request or growing without bound.
+
+``ExportQueue`` replaces the OpenTelemetry ``BatchProcessor`` inside the langfuse SDK's span
+processor (same ``emit`` / ``force_flush`` / ``shutdown`` surface) because that one drops the
+oldest span silently when full, ignores its flush timeout and can block exit for 30 s. Here
+every span is counted (``created == exported + dropped + queued``), waits have deadlines, and
+a failing backend is backed off instead of hammered.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import httpx
+from opentelemetry import context as otel_context
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan
+
+from ._failsafe import log_once
+
+__all__ = ["ExportQueue", "HttpSender", "Outcome", "Sender"]
+
+logger = logging.getLogger("langfuse_mw")
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 30.0
+RETRY_AFTER_CAP = 300.0
+STILL_FAILING_EVERY = 300.0
+SERVER_ERROR_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Result of one export attempt: sent, dropped for a reason, or to be retried."""
+
+    ok: bool = False
+    retry: bool = False
+    retry_after: float | None = None
+    drop_reason: str | None = None
+    split: bool = False
+    error: str | None = None
+    fatal: bool = False  # stop exporting until restart (bad credentials)
+
+
+SENT = Outcome(ok=True)
+
+
+class Sender(Protocol):
+    """Ships one batch of spans; never raises."""
+
+    def send(self, spans: Sequence[ReadableSpan], timeout: float) -> Outcome: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return min(max(0.0, when - (time.time() if now is None else now)), RETRY_AFTER_CAP)
+
+
+class HttpSender:
+    """OTLP/HTTP protobuf sender for the Langfuse endpoint, classifying responses strictly."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        headers: dict[str, str],
+        *,
+        compression: str = "gzip",
+        describe: str = "",
+    ) -> None:
+        self.endpoint = endpoint
+        self._headers = {**headers, "Content-Type": "application/x-protobuf"}
+        if compression == "gzip":
+            self._headers["Content-Encoding"] = "gzip"
+        self._gzip = compression == "gzip"
+        self._describe = describe or endpoint
+        self._client: httpx.Client | None = None
+
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            # No redirects: a 3xx must count as a failure, never as a delivered batch.
+            self._client = httpx.Client(follow_redirects=False, trust_env=False)
+        return self._client
+
+    def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
+        """Encode spans as an OTLP ``ExportTraceServiceRequest`` (optionally gzip-compressed)."""
+        body: bytes = encode_spans(spans).SerializeToString()
+        return gzip.compress(body, compresslevel=5) if self._gzip else body
+
+    def send(self, spans: Sequence[ReadableSpan], timeout: float) -> Outcome:
+        try:
+            body = self.encode(spans)
+        except Exception as exc:  # an attribute the encoder cannot take: drop, not retry
+            return Outcome(drop_reason="encoding", error=f"encoding failed: {exc!r}")
+        try:
+            response = self._http().post(
+                self.endpoint, content=body, headers=self._headers, timeout=timeout
+            )
+        except httpx.TimeoutException:
+            return Outcome(retry=True, error=f"timeout after {timeout:.1f}s")
+        except httpx.HTTPError as exc:
+            return Outcome(retry=True, error=f"{type(exc).__name__}: {exc}")
+        retry_after = response.headers.get("retry-after")
+        return self.classify(response.status_code, retry_after, response.text)
+
+    def classify(self, status: int, retry_after: str | None, text: str) -> Outcome:
+        """Map an HTTP status to an outcome (see docs/degradation.md for the table)."""
+        if 200 <= status < 300:
+            return SENT
+        detail = f"HTTP {status} from {self._describe}: {text[:200]!r}"
+        if status in (401, 403):
+            return Outcome(drop_reason="auth", error=detail, fatal=True)
+        if status == 413:
+            return Outcome(split=True, error=detail)
+        if status in (429, 502, 503, 504):
+            return Outcome(retry=True, retry_after=parse_retry_after(retry_after), error=detail)
+        if status >= 500:
+            return Outcome(retry=True, error=detail, drop_reason="server_error")
+        if 300 <= status < 400:
+            return Outcome(drop_reason="redirect", error=detail)
+        return Outcome(drop_reason="rejected", error=detail)
+
+    def reset(self) -> None:
+        # After fork the parent's connection pool must not be reused.
+        self._client = None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class ExportQueue:
+    """Bounded span queue with one background export thread, counters and deadlines."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        *,
+        max_queue_size: int = 8192,
+        max_batch_size: int = 512,
+        flush_interval: float = 1.0,
+        export_timeout: float = 5.0,
+        shutdown_timeout: float = 2.0,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.sender = sender
+        self.max_queue_size = max_queue_size
+        self.max_batch_size = max_batch_size
+        self.flush_interval = flush_interval
+        self.export_timeout = export_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self._init_state()
+        self.created = 0
+        self.exported = 0
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.failed_exports = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_success_at: float | None = None
+        self.breaker = "closed"
+        self._fatal = False
+        self._closed = False
+        self._start()
+        if hasattr(os, "register_at_fork"):
+            weak = weakref.WeakMethod(self._after_fork)
+            os.register_at_fork(after_in_child=lambda: (m := weak()) and m())
+
+    def _init_state(self) -> None:
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Condition(threading.Lock())
+        self._in_flight = 0
+        self._flush_requested = 0
+        self._stop = False
+        self._abandoned = False
+        self._deadline = float("inf")
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="langfuse-mw-export", daemon=True)
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        # The child starts empty: spans queued before the fork belong to the parent, which
+        # exports them itself (exporting them here too would duplicate them).
+        self._init_state()
+        self.sender.reset()
+        self.created = self.exported = self.failed_exports = 0
+        self.dropped.clear()
+        if not self._closed:
+            self._start()
+
+    # -- request path ---------------------------------------------------------------------
+
+    def emit(self, span: ReadableSpan) -> None:
+        """Queue a finished span; never blocks beyond a short lock, never raises."""
+        if self._closed or self._fatal:
+            self._drop("shutdown" if self._closed else "auth")
+            return
+        with self._lock:
+            if len(self._queue) >= self.max_queue_size:
+                full = True
+            else:
+                full = False
+                self._queue.append(span)
+                size = len(self._queue)
+            self.created += 1
+            if full:
+                self.dropped["queue_full"] += 1
+        if full:
+            log_once(
+                "queue_full",
+                "langfuse_mw: export queue full (%d spans); dropping new spans until it drains",
+                self.max_queue_size,
+            )
+        elif size >= self.max_batch_size:
+            self._wake.set()
+
+    def _drop(self, reason: str) -> None:
+        with self._lock:
+            self.created += 1
+            self.dropped[reason] += 1
+
+    # -- background thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        # Our own HTTP calls must not be traced by any instrumentation the app installed.
+        otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        failures = 0
+        retry_at = 0.0
+        server_error_attempts = 0
+        opened_at = 0.0
+        last_still_failing = 0.0
+        batch: list[ReadableSpan] = []
+        while True:
+            if not batch:
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+                if self._stop and not self._queue:
+                    break
+                with self._lock:
+                    n = min(len(self._queue), self.max_batch_size)
+                    batch = [self._queue.popleft() for _ in range(n)]
+                    self._in_flight = n
+                if not batch:
+                    self._notify_idle()
+                    continue
+            now = time.monotonic()
+            if self._stop and now >= self._deadline:
+                break
+            if now < retry_at:
+                if self._stop:
+                    break
+                self._wake.wait(min(retry_at - now, 1.0))
+                self._wake.clear()
+                continue
+            if failures:
+                self.breaker = "half-open"  # this attempt is the probe
+            outcome = self._send(batch)
+            give_up = False
+            if outcome.retry and outcome.drop_reason:
+                # A plain 5xx may be caused by the batch itself: retry it a few times only.
+                server_error_attempts += 1
+                give_up = server_error_attempts >= SERVER_ERROR_ATTEMPTS
+            if outcome.ok:
+                self._count_sent(len(batch))
+                if failures:
+                    logger.warning(
+                        "langfuse_mw: export recovered after %.0fs of failures (%s)",
+                        time.monotonic() - opened_at,
+                        self._summary(),
+                    )
+                failures = server_error_attempts = 0
+                self.breaker = "closed"
+                batch = []
+            elif outcome.split and len(batch) > 1:
+                half = len(batch) // 2
+                with self._lock:
+                    self._queue.extendleft(reversed(batch[half:]))
+                    self._in_flight = half
+                batch = batch[:half]
+            elif outcome.retry and not give_up:
+                failures += 1
+                self._record_error(outcome.error)
+                self.breaker = "open"
+                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures - 1, 10))
+                delay = random.uniform(delay / 2, delay)  # jitter: workers don't retry in step
+                if outcome.retry_after is not None:
+                    delay = max(delay, outcome.retry_after)
+                retry_at = time.monotonic() + delay
+                if failures == 1:
+                    opened_at = last_still_failing = time.monotonic()
+                    logger.warning(
+                        "langfuse_mw: export failing (%s); backing off, spans stay queued "
+                        "(bounded at %d)",
+                        outcome.error,
+                        self.max_queue_size,
+                    )
+                elif time.monotonic() - last_still_failing > STILL_FAILING_EVERY:
+                    last_still_failing = time.monotonic()
+                    logger.warning("langfuse_mw: export still failing (%s)", self._summary())
+            else:
+                reason = outcome.drop_reason or ("too_large" if outcome.split else "rejected")
+                self._record_error(outcome.error)
+                self._drop_batch(reason, len(batch))
+                if outcome.fatal:
+                    self._fatal = True
+                    logger.error(
+                        "langfuse_mw: Langfuse refused the credentials (%s); check "
+                        "LANGFUSE_PUBLIC_KEY / LANGFUSE_SECRET_KEY. Export stops until restart.",
+                        outcome.error,
+                    )
+                    with self._lock:
+                        rest = len(self._queue)
+                        self._queue.clear()
+                    self._drop_batch("auth", rest)
+                else:
+                    log_once(
+                        f"drop:{reason}",
+                        "langfuse_mw: dropped a batch of %d spans (%s): %s",
+                        len(batch),
+                        reason,
+                        outcome.error,
+                    )
+                server_error_attempts = 0
+                batch = []
+        # Leftovers at exit: counted, and reported by shutdown().
+        self._drop_batch("shutdown", len(batch))
+        self._notify_idle()
+
+    def _send(self, batch: list[ReadableSpan]) -> Outcome:
+        timeout = self.export_timeout
+        if self._stop:
+            timeout = max(0.05, min(timeout, self._deadline - time.monotonic()))
+        try:
+            return self.sender.send(batch, timeout)
+        except Exception as exc:  # a Sender must not raise; contain one that does
+            return Outcome(drop_reason="sender_error", error=repr(exc))
+
+    def _count_sent(self, n: int) -> None:
+        with self._lock:
+            if self._abandoned:  # shutdown already counted this batch as lost
+                return
+            self.exported += n
+            self.last_success_at = time.time()
+            self._in_flight = 0
+
+    def _drop_batch(self, reason: str, n: int) -> None:
+        with self._lock:
+            if self._abandoned:
+                return
+            if n:
+                self.dropped[reason] += n
+            self._in_flight = 0
+
+    def _record_error(self, error: str | None) -> None:
+        with self._lock:
+            self.failed_exports += 1
+            self.last_error = error
+            self.last_error_at = time.time()
+
+    def _notify_idle(self) -> None:
+        with self._idle:
+            self._idle.notify_all()
+
+    def _summary(self) -> str:
+        stats = self.stats()
+        return (
+            f"exported={stats['exported']} queued={stats['queued']} "
+            f"dropped={dict(stats['dropped'])}"
+        )
+
+    # -- flush and shutdown ---------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Spans queued or being sent."""
+        with self._lock:
+            return len(self._queue) + self._in_flight
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far was handled, or the deadline passes."""
+        deadline = time.monotonic() + (self.shutdown_timeout if timeout is None else timeout)
+        while self.pending and self._thread.is_alive():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._wake.set()
+            with self._idle:
+                self._idle.wait(min(remaining, 0.05))
+        return self.pending == 0
+
+    def shutdown(self, timeout: float | None = None) -> int:
+        """Flush within the deadline, stop the thread, and return the number of spans lost."""
+        if self._closed:
+            return 0
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        self._deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        self._closed = True
+        self._stop = True
+        self._wake.set()
+        self._thread.join(max(0.0, self._deadline - time.monotonic()))
+        with self._lock:
+            left = len(self._queue) + self._in_flight
+            self._queue.clear()
+            if left:
+                self.dropped["shutdown"] += left
+            self._in_flight = 0
+            self._abandoned = True
+        if left:
+            logger.warning(
+                "langfuse_mw: shutdown deadline (%.1fs) reached; %d spans were not exported",
+                timeout,
+                left,
+            )
+        if not self._thread.is_alive():
+            self.sender.close()
+        return left
+
+    # The langfuse SDK's span processor calls these names (OpenTelemetry's BatchProcessor API).
+    def force_flush(self, timeout_millis: float | None = None) -> bool:
+        """OpenTelemetry-compatible flush with a real deadline."""
+        return self.flush(None if timeout_millis is None else timeout_millis / 1000)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for health(): created == exported + sum(dropped) + queued."""
+        with self._lock:
+            return {
+                "created": self.created,
+                "exported": self.exported,
+                "dropped": dict(self.dropped),
+                "queued": len(self._queue) + self._in_flight,
+                "failed_exports": self.failed_exports,
+                "last_error": self.last_error,
+                "last_error_at": self.last_error_at,
+                "last_success_at": self.last_success_at,
+                "breaker": "stopped" if self._fatal else self.breaker,
+            }

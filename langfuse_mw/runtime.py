@@ -1,0 +1,286 @@
+"""The process-wide runtime: langfuse client, tracer provider, export queue, shutdown."""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from . import _failsafe
+from ._version import __version__
+from .config import Settings, resolve_settings
+from .export import ExportQueue, HttpSender, Sender
+
+__all__ = ["Runtime", "current", "flush", "get_runtime", "health", "init", "shutdown"]
+
+logger = logging.getLogger("langfuse_mw")
+
+LANGFUSE_TRACER_NAME = "langfuse-sdk"
+
+
+class _NullExporter(SpanExporter):
+    # Handed to the langfuse SDK so its own BatchProcessor has nothing to do before we
+    # replace it with ExportQueue (and so shutting that one down sends nothing anywhere).
+    def export(self, spans: Any) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+class Runtime:
+    """One per process: holds what every request needs to export its observation."""
+
+    def __init__(self, settings: Settings, *, sender: Sender | None = None) -> None:
+        self.settings = settings
+        self.enabled = False
+        self.client: Any = None
+        self.queue: ExportQueue | None = None
+        self.environment = settings.environment
+        self.public_key = settings.public_key or ""
+        self.resource = Resource.get_empty()
+        self.scope = InstrumentationScope(LANGFUSE_TRACER_NAME)
+        self._owns_sdk = False
+        self.disabled_reason = self._check(settings, sender)
+        if self.disabled_reason is None:
+            self._start(settings, sender)
+            self.enabled = True
+
+    @staticmethod
+    def _check(settings: Settings, sender: Sender | None) -> str | None:
+        if not settings.enabled:
+            return "disabled by configuration (enabled=false)"
+        if sender is None and not (settings.public_key and settings.secret_key):
+            missing = [
+                name
+                for name, value in (
+                    ("LANGFUSE_PUBLIC_KEY", settings.public_key),
+                    ("LANGFUSE_SECRET_KEY", settings.secret_key),
+                )
+                if not value
+            ]
+            return f"{' and '.join(missing)} not set"
+        keys = (("public_key", settings.public_key), ("secret_key", settings.secret_key))
+        for name, value in keys:
+            if value and not (value.isascii() and value.isprintable() and " " not in value):
+                return f"{name} contains characters that cannot go in an HTTP header"
+        return None
+
+    def _start(self, settings: Settings, sender: Sender | None) -> None:
+        from langfuse import Langfuse
+        from langfuse._client.resource_manager import LangfuseResourceManager
+        from langfuse._client.span_processor import LangfuseSpanProcessor
+        from langfuse._version import __version__ as sdk_version
+
+        public_key = settings.public_key or "pk-lf-local"
+        secret_key = settings.secret_key or "sk-lf-local"
+        resource_attributes = {
+            "langfuse.environment": settings.environment,
+            "langfuse.release": settings.release,
+        }
+        provider = settings.tracer_provider or TracerProvider(
+            resource=Resource.create({k: v for k, v in resource_attributes.items() if v})
+        )
+        # A Langfuse client the app built first for the same key is reused, not replaced.
+        self._owns_sdk = public_key not in LangfuseResourceManager._instances
+        self.client = Langfuse(
+            public_key=public_key,
+            secret_key=secret_key,
+            base_url=settings.base_url,
+            environment=settings.environment,
+            release=settings.release,
+            tracer_provider=provider,
+            span_exporter=_NullExporter(),
+            timeout=max(1, int(settings.export_timeout)),
+        )
+        provider = self.client._resources.tracer_provider or provider
+        self.public_key = public_key
+        self.resource = provider.resource
+        self.scope = InstrumentationScope(
+            LANGFUSE_TRACER_NAME, sdk_version, None, {"public_key": public_key}
+        )
+        if sender is None:
+            auth = base64.b64encode(f"{public_key}:{secret_key}".encode()).decode("ascii")
+            sender = HttpSender(
+                f"{settings.base_url}/api/public/otel/v1/traces",
+                {
+                    "Authorization": f"Basic {auth}",
+                    "x-langfuse-sdk-name": "python",
+                    "x-langfuse-sdk-version": sdk_version,
+                    "x-langfuse-public-key": public_key,
+                    "x-langfuse-ingestion-version": "4",
+                    "User-Agent": f"langfuse-mw/{__version__}",
+                },
+                compression=settings.compression,
+                describe=f"{settings.base_url} (public key {public_key})",
+            )
+        self.queue = ExportQueue(
+            sender,
+            max_queue_size=settings.max_queue_size,
+            max_batch_size=settings.max_batch_size,
+            flush_interval=settings.flush_interval,
+            export_timeout=settings.export_timeout,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
+        # Route the SDK's spans (the handler's generations, @observe) through the same queue.
+        for processor in provider._active_span_processor._span_processors:
+            if (
+                isinstance(processor, LangfuseSpanProcessor)
+                and processor.public_key == public_key
+            ):
+                replaced = processor._batch_processor
+                processor._batch_processor = self.queue  # type: ignore[assignment]
+                if not isinstance(replaced, ExportQueue):
+                    replaced.shutdown(timeout_millis=100)
+
+    def emit(self, span: ReadableSpan) -> None:
+        """Queue a finished span for export."""
+        if self.queue is not None:
+            self.queue.emit(span)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Export what is queued, waiting at most ``timeout`` seconds (default shutdown_timeout)."""
+        return self.queue.flush(timeout) if self.queue is not None else True
+
+    def shutdown(self, timeout: float | None = None) -> int:
+        """Flush within the deadline and stop; returns the number of spans not exported."""
+        if self.queue is None:
+            return 0
+        timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        lost = self.queue.shutdown(timeout)
+        if self.client is not None:
+            # The SDK's own shutdown flushes scores and media over the network and has no
+            # deadline of its own: give it what is left of ours, in a thread we don't wait past.
+            _call_with_deadline(self.client.shutdown, max(0.0, deadline - time.monotonic()))
+            if self._owns_sdk:
+                from langfuse._client.resource_manager import LangfuseResourceManager
+
+                # So a later init() builds a live SDK instead of reusing this stopped one.
+                LangfuseResourceManager._instances.pop(self.public_key, None)
+        return lost
+
+    def health(self) -> dict[str, Any]:
+        """A snapshot of the export state and of what tracing refused or failed at."""
+        snapshot: dict[str, Any] = {
+            "enabled": self.enabled,
+            "disabled_reason": self.disabled_reason,
+            "environment": self.environment,
+        }
+        if self.queue is not None:
+            snapshot.update(self.queue.stats())
+        snapshot["internal_errors"] = dict(_failsafe.internal_errors)
+        snapshot["rejected_inputs"] = dict(_failsafe.rejected_inputs)
+        return snapshot
+
+
+def _call_with_deadline(fn: Callable[[], Any], timeout: float) -> None:
+    def run() -> None:
+        try:
+            fn()
+        except Exception as exc:
+            _failsafe.report("sdk_shutdown", exc)
+
+    thread = threading.Thread(target=run, name="langfuse-mw-sdk-shutdown", daemon=True)
+    thread.start()
+    thread.join(timeout)
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+_atexit_registered = False
+
+
+def current() -> Runtime | None:
+    """Return the process runtime if it was built."""
+    return _runtime
+
+
+def _install(runtime: Runtime) -> Runtime:
+    global _runtime, _atexit_registered
+    _runtime = runtime
+    if runtime.disabled_reason is not None:
+        logger.warning(
+            "langfuse_mw: tracing is off (%s); requests are served untouched",
+            runtime.disabled_reason,
+        )
+    if not _atexit_registered:
+        atexit.register(_shutdown_at_exit)
+        _atexit_registered = True
+    return runtime
+
+
+def get_runtime(settings: Settings) -> Runtime:
+    """Return the process runtime, building it from ``settings`` on first use (thread-safe)."""
+    runtime = _runtime
+    if runtime is not None:
+        return runtime
+    with _lock:
+        if _runtime is not None:
+            return _runtime
+        return _install(Runtime(settings))
+
+
+def init(**options: Any) -> Runtime:
+    """Build the process-wide runtime once and return it (later calls return the same one).
+
+    Options are those of ``LangfuseMiddleware``; invalid values raise ``ConfigError``.
+    """
+    settings = resolve_settings(options)
+    with _lock:
+        if _runtime is not None:
+            if _runtime.settings.runtime_key() != settings.runtime_key():
+                _failsafe.log_once(
+                    "init-twice",
+                    "langfuse_mw: init() called again with different connection options; "
+                    "keeping the runtime built first (call shutdown() before re-initialising)",
+                )
+            return _runtime
+        return _install(Runtime(settings))
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Export what is queued, waiting at most ``timeout`` seconds."""
+    runtime = _runtime
+    return runtime.flush(timeout) if runtime is not None else True
+
+
+def shutdown(timeout: float | None = None) -> int:
+    """Flush and stop the runtime within ``timeout`` (default 2 s); returns spans not exported.
+
+    Never blocks past the deadline, even when Langfuse hangs. A later request or ``init()``
+    builds a new runtime.
+    """
+    global _runtime
+    with _lock:
+        runtime, _runtime = _runtime, None
+    return runtime.shutdown(timeout) if runtime is not None else 0
+
+
+def health() -> dict[str, Any]:
+    """Return a snapshot of the runtime: queued, exported, dropped by reason, breaker, errors."""
+    runtime = _runtime
+    if runtime is None:
+        return {
+            "enabled": False,
+            "disabled_reason": "not initialised",
+            "internal_errors": dict(_failsafe.internal_errors),
+            "rejected_inputs": dict(_failsafe.rejected_inputs),
+        }
+    return runtime.health()
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown()
+    except Exception as exc:  # never turn a clean exit into a traceback
+        _failsafe.report("atexit", exc)

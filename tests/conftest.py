@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from langfuse_mw import LangfuseMiddleware
+from tests import apps
+
+# No test may reach a real Langfuse: clear what a developer's shell might have set.
+for _name in list(os.environ):
+    if _name.startswith(("LANGFUSE_", "OTEL_")):
+        del os.environ[_name]
+
+FRAMEWORKS = ["starlette", "fastapi"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def traced_app(framework: str, placement: str = "add_middleware", **options: Any) -> Any:
+    """The test app with LangfuseMiddleware added the usual way or wrapped around it."""
+    app = apps.build(framework)
+    if placement == "wrap":
+        return LangfuseMiddleware(app, **options)
+    app.add_middleware(LangfuseMiddleware, **options)
+    return app
+
+
+ClientFactory = Callable[..., httpx.AsyncClient]
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[ClientFactory]:
+    clients: list[httpx.AsyncClient] = []
+
+    def factory(app: Any, raise_app_exceptions: bool = False) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app, raise_app_exceptions=raise_app_exceptions),
+            base_url="http://testserver",
+        )
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.aclose()

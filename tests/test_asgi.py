@@ -1,0 +1,548 @@
+"""LangfuseMiddleware on Starlette and FastAPI: what Langfuse receives for each kind of request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace as otel_trace
+
+from langfuse_mw import LangfuseMiddleware, get_request_context, health
+from langfuse_mw.testing import LangfuseCapture
+from tests import apps
+from tests.asgi_driver import call, lifespan, websocket
+from tests.conftest import FRAMEWORKS, ClientFactory, traced_app
+from tests.corpus import (
+    BAD_ID_VALUES,
+    BAD_TRACEPARENTS,
+    VALID_PARENT_ID,
+    VALID_TRACE_ID,
+    VALID_TRACEPARENT,
+)
+
+pytestmark = pytest.mark.anyio
+
+framework = pytest.mark.parametrize("framework", FRAMEWORKS)
+placement = pytest.mark.parametrize("placement", ["add_middleware", "wrap"])
+
+
+@framework
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/items/42", "GET /items/{item_id}"),
+        ("/status/204", "GET /status/{code:int}"),
+        ("/api/users/7/orders/9", "GET /api/users/{uid}/orders/{oid}"),
+        ("/api/users", "GET /api/users"),
+        ("/no/such/route", "GET <unmatched>"),
+    ],
+)
+async def test_observation_and_trace_are_named_after_the_route_template(
+    langfuse_capture: LangfuseCapture,
+    make_client: ClientFactory,
+    framework: str,
+    path: str,
+    name: str,
+) -> None:
+    client = make_client(traced_app(framework))
+    await client.get(path)
+    root = langfuse_capture.single(name=name)
+    assert root["trace_name"] == name
+    assert root["metadata"]["route"] == name.split(" ", 1)[1]
+    assert root["scope"]["name"] == "langfuse-sdk"
+    assert root["parent_span_id"] is None
+    assert root["attributes"]["langfuse.internal.is_app_root"] is True
+
+
+async def test_fastapi_route_and_wrong_method_use_the_template(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    client = make_client(traced_app("fastapi"))
+    assert (await client.get("/fa/items/5")).status_code == 200
+    assert (await client.get("/items-only-post")).status_code == 405
+    assert langfuse_capture.single(name="GET /fa/items/{item_id}")["output"] == {"statusCode": 200}
+    assert langfuse_capture.single(name="GET /items-only-post")["output"] == {"statusCode": 405}
+
+
+@framework
+async def test_user_session_and_request_id_reach_root_and_child_observations(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str
+) -> None:
+    client = make_client(traced_app(framework))
+    response = await client.get(
+        "/items/3",
+        headers={"x-user-id": "user-1", "x-session-id": "sess-1", "x-request-id": "req-abc"},
+    )
+    assert response.headers["x-request-id"] == "req-abc"
+    root = langfuse_capture.single(name="GET /items/{item_id}")
+    child = langfuse_capture.single(name="llm")
+    assert child["parent_span_id"] == root["span_id"]
+    assert child["trace_id"] == root["trace_id"]
+    for span in (root, child):
+        assert span["user_id"] == "user-1"
+        assert span["session_id"] == "sess-1"
+    assert root["metadata"]["requestId"] == "req-abc"
+    assert root["metadata"]["userId"] == "user-1"
+    assert root["metadata"]["sessionId"] == "sess-1"
+    assert root["input"] == {"method": "GET", "path": "/items/3", "query": ""}
+    assert root["output"] == {"statusCode": 200}
+    assert root["metadata"]["responseSize"] == len(response.content)
+    assert root["metadata"]["userAgent"].startswith("python-httpx/")
+    assert "clientIp" not in root["metadata"]
+    # The generation is not marked app root: the request's root claims the trace.
+    assert "langfuse.internal.is_app_root" not in child["attributes"]
+
+
+async def test_identity_callables_replace_headers(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    def user_from(info: Any) -> str | None:
+        return "from-auth" if info.raw["path"].startswith("/items") else None
+
+    client = make_client(
+        traced_app("starlette", user_id_from=user_from, session_id_from=lambda info: "s-auth")
+    )
+    await client.get("/items/1", headers={"x-user-id": "spoofed", "x-session-id": "spoofed"})
+    root = langfuse_capture.single(name="GET /items/{item_id}")
+    assert (root["user_id"], root["session_id"]) == ("from-auth", "s-auth")
+    assert "spoofed" not in json.dumps(langfuse_capture.spans())
+
+
+async def test_client_ip_only_when_enabled(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    await make_client(traced_app("starlette", capture_client_ip=True)).get("/health")
+    assert langfuse_capture.single(name="GET /health")["metadata"]["clientIp"] == "127.0.0.1"
+
+
+async def test_query_secrets_and_sensitive_headers_never_leave_the_process(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    client = make_client(traced_app("starlette"))
+    await client.get(
+        "/health?token=SECRET-A&access_token=SECRET-B&code=SECRET-C&sig=SECRET-D&page=2",
+        headers={
+            "authorization": "Bearer SECRET-E",
+            "cookie": "sid=SECRET-F",
+            "x-api-key": "SECRET-G",
+        },
+    )
+    root = langfuse_capture.single(name="GET /health")
+    assert root["input"]["query"] == (
+        "token=[REDACTED]&access_token=[REDACTED]&code=[REDACTED]&sig=[REDACTED]&page=2"
+    )
+    exported = b"".join(langfuse_capture.sender.requests)
+    assert b"SECRET" not in exported
+    assert b"page=2" in exported
+
+
+@framework
+@placement
+async def test_unhandled_exception_is_recorded_and_reraised_untouched(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str, placement: str
+) -> None:
+    app = traced_app(framework, placement)
+    with pytest.raises(RuntimeError, match="kaboom"):
+        await make_client(app, raise_app_exceptions=True).get("/boom")
+    response = await make_client(app).get("/boom")
+    assert response.status_code == 500
+    if placement == "wrap":
+        # Outside Starlette's ServerErrorMiddleware we also see (and tag) its 500 response.
+        assert response.headers["x-request-id"]
+    roots = langfuse_capture.spans(name="GET /boom")
+    assert len(roots) == 2
+    for root in roots:
+        assert root["level"] == "ERROR"
+        assert root["status_message"] == "RuntimeError: kaboom"
+        assert root["status"] == {"code": 2, "message": "RuntimeError: kaboom"}
+        assert root["output"] == {"statusCode": 500}
+        (event,) = root["events"]
+        assert event["name"] == "exception"
+        assert event["attributes"]["exception.type"] == "builtins.RuntimeError"
+        assert "kaboom" in event["attributes"]["exception.stacktrace"]
+
+
+@pytest.mark.parametrize(
+    ("code", "level", "options"),
+    [
+        (503, "ERROR", {}),
+        (404, "WARNING", {}),
+        (404, "DEFAULT", {"level_4xx": "DEFAULT"}),
+        (422, "ERROR", {"level_4xx": "error"}),
+        (201, "DEFAULT", {}),
+    ],
+)
+async def test_level_follows_the_status_code(
+    langfuse_capture: LangfuseCapture,
+    make_client: ClientFactory,
+    code: int,
+    level: str,
+    options: dict[str, Any],
+) -> None:
+    await make_client(traced_app("starlette", **options)).get(f"/status/{code}")
+    root = langfuse_capture.single(name="GET /status/{code:int}")
+    assert root["output"] == {"statusCode": code}
+    assert root["level"] == level
+    if code >= 400:
+        assert root["status_message"] == f"HTTP {code}"
+    assert root["status"]["code"] == (2 if level == "ERROR" else 0)
+
+
+@framework
+async def test_request_id_is_echoed_generated_or_left_to_the_app(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str
+) -> None:
+    client = make_client(traced_app(framework))
+    generated = (await client.get("/health")).headers["x-request-id"]
+    assert len(generated) == 36 and generated[14] == "4"
+    own = await client.get("/own-request-id", headers={"x-request-id": "incoming"})
+    assert own.headers.get_list("x-request-id") == ["app-chosen"]
+    not_found = await client.get("/nowhere", headers={"x-request-id": "kept-1"})
+    assert not_found.headers["x-request-id"] == "kept-1"
+    ids = {s["metadata"]["requestId"] for s in langfuse_capture.spans()}
+    assert ids == {generated, "incoming", "kept-1"}
+
+
+async def test_request_id_header_names_are_configurable(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    app = traced_app(
+        "starlette",
+        request_id_header="X-Correlation-ID",
+        user_id_header="x-auth-user",
+        session_id_header="x-conversation",
+    )
+    response = await make_client(app).get(
+        "/health",
+        headers={"x-correlation-id": "corr-1", "x-auth-user": "u9", "x-conversation": "c9"},
+    )
+    assert response.headers["x-correlation-id"] == "corr-1"
+    assert "x-request-id" not in response.headers
+    root = langfuse_capture.single(name="GET /health")
+    assert (root["metadata"]["requestId"], root["user_id"], root["session_id"]) == (
+        "corr-1",
+        "u9",
+        "c9",
+    )
+
+
+async def test_custom_request_id_validator(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    app = traced_app("starlette", request_id_validator=lambda value: value.startswith("req-"))
+    client = make_client(app)
+    assert (await client.get("/health", headers={"x-request-id": "req-1"})).headers[
+        "x-request-id"
+    ] == "req-1"
+    replaced = (await client.get("/health", headers={"x-request-id": "other"})).headers
+    assert replaced["x-request-id"] != "other"
+
+
+@pytest.mark.parametrize("value", BAD_ID_VALUES, ids=range(len(BAD_ID_VALUES)))
+async def test_bad_header_values_never_change_the_response_or_reach_a_span(
+    langfuse_capture: LangfuseCapture, value: bytes
+) -> None:
+    bare = apps.starlette_app()
+    traced = traced_app("starlette")
+    headers = [(b"x-request-id", value), (b"x-user-id", value), (b"x-session-id", value)]
+    expected = await call(bare, "/items/1", headers=headers)
+    got = await call(traced, "/items/1", headers=headers)
+    assert got.exception is None
+    assert (got.status, got.body) == (expected.status, expected.body)
+    assert [h for h in got.headers if h[0] != b"x-request-id"] == expected.headers
+    echoed = got.header(b"x-request-id")
+    assert echoed is not None and echoed != value
+    assert echoed.isascii() and b"\r" not in echoed and b"\n" not in echoed
+    for span in langfuse_capture.spans():
+        assert span["user_id"] is None and span["session_id"] is None
+        assert "userId" not in span["metadata"]
+    if value.strip():
+        assert value not in b"".join(langfuse_capture.sender.requests)
+    assert health()["rejected_inputs"]
+
+
+async def test_duplicated_headers_are_joined_not_trusted(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    traced = traced_app("starlette")
+    await call(
+        traced,
+        "/health",
+        headers=[(b"traceparent", VALID_TRACEPARENT), (b"traceparent", VALID_TRACEPARENT)],
+    )
+    root = langfuse_capture.single(name="GET /health")
+    # W3C: a repeated traceparent is invalid, so the request starts its own trace.
+    assert root["trace_id"] != VALID_TRACE_ID
+    assert root["parent_span_id"] is None
+
+
+@framework
+async def test_valid_traceparent_is_continued(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str
+) -> None:
+    client = make_client(traced_app(framework))
+    await client.get(
+        "/items/1",
+        headers={"traceparent": VALID_TRACEPARENT.decode(), "tracestate": "vendor=abc"},
+    )
+    root = langfuse_capture.single(name="GET /items/{item_id}")
+    child = langfuse_capture.single(name="llm")
+    assert root["trace_id"] == child["trace_id"] == VALID_TRACE_ID
+    assert root["parent_span_id"] == VALID_PARENT_ID
+    # A continued trace keeps the upstream's name: only the first service names it.
+    assert root["trace_name"] is None
+    assert root["attributes"]["langfuse.internal.is_app_root"] is True
+
+
+async def test_upstream_langfuse_claim_in_baggage_keeps_app_root_upstream(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    client = make_client(traced_app("starlette"))
+    await client.get(
+        "/health",
+        headers={
+            "traceparent": VALID_TRACEPARENT.decode(),
+            "baggage": f"langfuse_trace_id={VALID_TRACE_ID},langfuse_user_id=admin",
+        },
+    )
+    root = langfuse_capture.single(name="GET /health")
+    assert "langfuse.internal.is_app_root" not in root["attributes"]
+    # Baggage is not a source of identity here (the trust policy decides that).
+    assert root["user_id"] is None
+
+
+@pytest.mark.parametrize("value", BAD_TRACEPARENTS, ids=range(len(BAD_TRACEPARENTS)))
+async def test_invalid_traceparent_starts_a_new_trace(
+    langfuse_capture: LangfuseCapture, value: bytes
+) -> None:
+    bare = await call(apps.starlette_app(), "/health", headers=[(b"traceparent", value)])
+    got = await call(traced_app("starlette"), "/health", headers=[(b"traceparent", value)])
+    assert (got.status, got.body) == (bare.status, bare.body)
+    root = langfuse_capture.single(name="GET /health")
+    assert root["parent_span_id"] is None
+    assert root["trace_id"] not in ("0" * 32, VALID_TRACE_ID)
+    assert root["trace_name"] == "GET /health"
+
+
+@pytest.mark.parametrize(
+    ("options", "path", "method", "traced"),
+    [
+        ({"exclude_paths": ["/health"]}, "/health", "GET", False),
+        ({"exclude_paths": ["/health"]}, "/health/deep", "GET", True),
+        ({"exclude_paths": ["/api/.*"]}, "/api/users", "GET", False),
+        ({}, "/health", "OPTIONS", False),
+        ({"exclude_methods": []}, "/health", "OPTIONS", True),
+        ({"exclude_methods": ["get"]}, "/health", "GET", False),
+    ],
+)
+async def test_excluded_requests_create_no_span_and_pass_through(
+    langfuse_capture: LangfuseCapture,
+    options: dict[str, Any],
+    path: str,
+    method: str,
+    traced: bool,
+) -> None:
+    bare = await call(apps.starlette_app(), path, method=method)
+    got = await call(traced_app("starlette", **options), path, method=method)
+    assert (got.status, got.body) == (bare.status, bare.body)
+    assert (got.header(b"x-request-id") is not None) is traced
+    assert len(langfuse_capture.spans()) == (1 if traced else 0)
+
+
+@framework
+async def test_streaming_response_ends_after_the_last_byte(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str
+) -> None:
+    client = make_client(traced_app(framework))
+    started = time.time_ns()
+    response = await client.get("/stream?delay=0.1")
+    finished = time.time_ns()
+    assert response.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    root = langfuse_capture.single(name="GET /stream")
+    duration = root["end_time_unix_nano"] - root["start_time_unix_nano"]
+    # Three 100 ms chunks: the observation covers the body, not just the handler's return.
+    assert duration >= 300_000_000
+    assert started <= root["start_time_unix_nano"] <= root["end_time_unix_nano"] <= finished
+    assert root["metadata"]["responseSize"] == len(response.content)
+    assert 90 <= root["metadata"]["timeToFirstByteMs"] < duration / 1e6
+    assert "disconnected" not in root["metadata"]
+
+
+async def test_client_disconnect_mid_stream_ends_the_observation(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    result = await call(traced_app("starlette"), "/stream", query=b"delay=0.2",
+                        disconnect_after_chunks=1)
+    assert result.body == b"data: 0\n\n"
+    root = langfuse_capture.single(name="GET /stream")
+    assert root["metadata"]["disconnected"] is True
+    assert root["level"] == "WARNING"
+    assert root["status_message"] == "client disconnected before the response completed"
+    # Ended at the disconnect, well before the two remaining 200 ms chunks would have run.
+    assert root["end_time_unix_nano"] - root["start_time_unix_nano"] < 400_000_000
+
+
+@framework
+async def test_request_context_is_set_for_the_handler_and_reset_after(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str
+) -> None:
+    client = make_client(traced_app(framework))
+    body = (
+        await client.get("/ctx", headers={"x-user-id": "u-ctx", "x-request-id": "rid-ctx"})
+    ).json()
+    root = langfuse_capture.single(name="GET /ctx")
+    assert body == {
+        "request_id": "rid-ctx",
+        "user_id": "u-ctx",
+        "session_id": None,
+        "trace_id": root["trace_id"],
+        "observation_id": root["span_id"],
+    }
+    assert get_request_context() is None
+    assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN
+
+
+@framework
+async def test_work_submitted_to_a_thread_pool_nests_under_the_request(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str
+) -> None:
+    await make_client(traced_app(framework)).get("/thread", headers={"x-user-id": "u-thr"})
+    root = langfuse_capture.single(name="GET /thread")
+    child = langfuse_capture.single(name="llm")
+    assert child["parent_span_id"] == root["span_id"]
+    assert child["user_id"] == "u-thr"
+
+
+async def test_concurrent_requests_never_mix_users(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    client = make_client(traced_app("fastapi"))
+    users = [f"user-{n}" for n in range(200)]
+    await asyncio.gather(
+        *(
+            client.get(f"/items/{n}", headers={"x-user-id": user, "x-request-id": f"r-{n}"})
+            for n, user in enumerate(users)
+        )
+    )
+    spans = langfuse_capture.spans()
+    roots = {s["span_id"]: s for s in spans if s["name"] == "GET /items/{item_id}"}
+    assert len(roots) == 200
+    for root in roots.values():
+        assert root["metadata"]["requestId"] == f"r-{root['user_id'].split('-')[1]}"
+        assert root["input"]["path"] == f"/items/{root['user_id'].split('-')[1]}"
+    for child in (s for s in spans if s["name"] == "llm"):
+        assert child["user_id"] == roots[child["parent_span_id"]]["user_id"]
+
+
+@framework
+async def test_websocket_connection_is_one_observation(
+    langfuse_capture: LangfuseCapture, framework: str
+) -> None:
+    sent = await websocket(traced_app(framework), "/ws", headers=[(b"x-user-id", b"ws-user")])
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert sent[1]["text"] == "echo hi"
+    assert dict(sent[0]["headers"])[b"x-request-id"]
+    root = langfuse_capture.single(name="WS /ws")
+    assert root["output"] == {"statusCode": 101}
+    assert root["user_id"] == "ws-user"
+
+
+@framework
+async def test_lifespan_shutdown_flushes_the_queue(framework: str) -> None:
+    from langfuse_mw.testing import capture_langfuse
+
+    # A 60 s export interval: only the lifespan flush can have shipped the span in time.
+    with capture_langfuse(flush_interval=60) as capture:
+        app = traced_app(framework)
+
+        async def one_request() -> None:
+            await call(app, "/health")
+            assert capture.sender.spans == []
+
+        replies = await lifespan(app, one_request)
+        assert replies == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        assert [s["name"] for s in capture.sender.spans] == ["GET /health"]
+
+
+async def test_fastapi_builtin_telemetry_stays_off(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    await make_client(traced_app("fastapi")).get("/fa/items/1")
+    assert sorted(s["name"] for s in langfuse_capture.spans()) == [
+        "GET /fa/items/{item_id}",
+        "llm",
+    ]
+    # The runtime's tracer provider is private: nothing became the global provider.
+    assert isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider)
+
+
+async def test_tracing_failures_never_reach_the_request(
+    langfuse_capture: LangfuseCapture, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(langfuse_capture.runtime, "emit", broken)
+    traced = traced_app("starlette", user_id_from=lambda info: 1 / 0)
+    bare = await call(apps.starlette_app(), "/items/1")
+    with caplog.at_level(logging.ERROR, logger="langfuse_mw"):
+        results = [await call(traced, "/items/1") for _ in range(3)]
+    for result in results:
+        assert result.exception is None
+        assert (result.status, result.body) == (bare.status, bare.body)
+    assert health()["internal_errors"] == {"end": 3, "user_id_from": 3}
+    # Logged once per cause, not once per request; and without any request content.
+    assert len([r for r in caplog.records if "tracing error" in r.getMessage()]) == 2
+
+
+async def test_other_scope_types_pass_through(langfuse_capture: LangfuseCapture) -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    await LangfuseMiddleware(app)({"type": "custom"}, None, None)  # type: ignore[arg-type]
+    assert seen == ["custom"]
+    assert langfuse_capture.spans() == []
+
+
+async def test_without_credentials_the_middleware_passes_through(
+    make_client: ClientFactory, caplog: Any
+) -> None:
+    from langfuse_mw import runtime
+
+    runtime.shutdown(0.1)
+    with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
+        app = traced_app("starlette")
+        client = make_client(app)
+        responses = [await client.get("/items/1") for _ in range(3)]
+        bare = await make_client(apps.starlette_app()).get("/items/1")
+    assert all(r.status_code == 200 and r.content == bare.content for r in responses)
+    assert all("x-request-id" not in r.headers for r in responses)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "langfuse_mw"]
+    assert warnings == [
+        "langfuse_mw: tracing is off (LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY not set); "
+        "requests are served untouched"
+    ]
+    assert health()["enabled"] is False
+    runtime.shutdown(0.1)
+
+
+async def test_wrapped_plain_asgi_app(langfuse_capture: LangfuseCapture) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(LangfuseMiddleware(app)), base_url="http://t"
+    )
+    async with client:
+        response = await client.get("/anything/123")
+    assert response.text == "hello"
+    # No router, no template: never the raw path.
+    assert langfuse_capture.single(name="GET <unmatched>")["input"]["path"] == "/anything/123"
