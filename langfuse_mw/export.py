@@ -17,7 +17,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -166,7 +166,8 @@ class ExportQueue:
         flush_interval: float = 1.0,
         export_timeout: float = 5.0,
         shutdown_timeout: float = 2.0,
-        sleep: Callable[[float], None] | None = None,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_cap: float = BACKOFF_CAP,
     ) -> None:
         self.sender = sender
         self.max_queue_size = max_queue_size
@@ -174,6 +175,8 @@ class ExportQueue:
         self.flush_interval = flush_interval
         self.export_timeout = export_timeout
         self.shutdown_timeout = shutdown_timeout
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
         self._init_state()
         self.created = 0
         self.exported = 0
@@ -308,7 +311,7 @@ class ExportQueue:
                 failures += 1
                 self._record_error(outcome.error)
                 self.breaker = "open"
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures - 1, 10))
+                delay = min(self.backoff_cap, self.backoff_base * 2 ** min(failures - 1, 10))
                 delay = random.uniform(delay / 2, delay)  # jitter: workers don't retry in step
                 if outcome.retry_after is not None:
                     delay = max(delay, outcome.retry_after)

@@ -133,10 +133,7 @@ class Runtime:
         )
         # Route the SDK's spans (the handler's generations, @observe) through the same queue.
         for processor in provider._active_span_processor._span_processors:
-            if (
-                isinstance(processor, LangfuseSpanProcessor)
-                and processor.public_key == public_key
-            ):
+            if isinstance(processor, LangfuseSpanProcessor) and processor.public_key == public_key:
                 replaced = processor._batch_processor
                 processor._batch_processor = self.queue  # type: ignore[assignment]
                 if not isinstance(replaced, ExportQueue):

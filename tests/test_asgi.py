@@ -376,8 +376,9 @@ async def test_streaming_response_ends_after_the_last_byte(
 async def test_client_disconnect_mid_stream_ends_the_observation(
     langfuse_capture: LangfuseCapture,
 ) -> None:
-    result = await call(traced_app("starlette"), "/stream", query=b"delay=0.2",
-                        disconnect_after_chunks=1)
+    result = await call(
+        traced_app("starlette"), "/stream", query=b"delay=0.2", disconnect_after_chunks=1
+    )
     assert result.body == b"data: 0\n\n"
     root = langfuse_capture.single(name="GET /stream")
     assert root["metadata"]["disconnected"] is True

@@ -1,0 +1,321 @@
+"""ExportQueue and HttpSender: counting, back-off, response classes, deadlines, fork."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from langfuse_mw.export import ExportQueue, HttpSender, Outcome, parse_retry_after
+
+SENT = Outcome(ok=True)
+
+
+def span(n: int = 1) -> ReadableSpan:
+    context = SpanContext(n, n, False, TraceFlags(TraceFlags.SAMPLED))
+    return ReadableSpan(name=f"s{n}", context=context, start_time=1, end_time=2)
+
+
+class ScriptedSender:
+    """Answers each send with the next scripted outcome (then SENT), recording batches."""
+
+    def __init__(self, *script: Outcome, delay: float = 0.0) -> None:
+        self.script = list(script)
+        self.delay = delay
+        self.batches: list[list[str]] = []
+        self.times: list[float] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def send(self, spans: Sequence[ReadableSpan], timeout: float) -> Outcome:
+        self.release.wait()
+        self.times.append(time.monotonic())
+        if self.delay:
+            time.sleep(self.delay)
+        self.batches.append([s.name for s in spans])
+        return self.script.pop(0) if self.script else SENT
+
+    def reset(self) -> None:
+        self.batches = []
+
+    def close(self) -> None:
+        return None
+
+    @property
+    def sent(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def queue(sender: Any, **options: Any) -> ExportQueue:
+    options = {"flush_interval": 0.02, "backoff_base": 0.05, "backoff_cap": 0.2, **options}
+    return ExportQueue(sender, **options)
+
+
+def balanced(stats: dict[str, Any]) -> bool:
+    return bool(
+        stats["created"] == stats["exported"] + sum(stats["dropped"].values()) + stats["queued"]
+    )
+
+
+def test_every_span_is_counted_under_concurrent_emitters() -> None:
+    sender = ScriptedSender(delay=0.002)
+    q = queue(sender, max_queue_size=500, max_batch_size=50)
+
+    def emit_many() -> None:
+        for n in range(2000):
+            q.emit(span(n + 1))
+
+    threads = [threading.Thread(target=emit_many) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert balanced(q.stats())
+    assert q.flush(10)
+    stats = q.stats()
+    assert stats["created"] == 16_000
+    assert stats["queued"] == 0
+    assert stats["exported"] == sender.sent
+    assert stats["exported"] + stats["dropped"].get("queue_full", 0) == 16_000
+    assert balanced(stats)
+    q.shutdown(1)
+
+
+def test_full_queue_drops_new_spans_counts_and_logs_once(caplog: Any) -> None:
+    sender = ScriptedSender()
+    sender.release.clear()  # the backend hangs: nothing leaves the queue
+    q = queue(sender, max_queue_size=10, max_batch_size=5)
+    with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
+        for n in range(100):
+            q.emit(span(n + 1))
+    stats = q.stats()
+    assert stats["dropped"] == {"queue_full": 100 - stats["queued"]}
+    assert 10 <= stats["queued"] <= 15  # up to one batch in the sender's hands
+    assert [r.getMessage() for r in caplog.records].count(
+        "langfuse_mw: export queue full (10 spans); dropping new spans until it drains"
+    ) == 1
+    sender.release.set()
+    q.shutdown(1)
+
+
+def test_retry_after_is_honoured_before_the_next_attempt() -> None:
+    sender = ScriptedSender(Outcome(retry=True, retry_after=0.6, error="HTTP 429"))
+    q = queue(sender)
+    q.emit(span())
+    assert q.flush(5)
+    assert len(sender.times) == 2
+    assert sender.times[1] - sender.times[0] >= 0.6
+    assert q.stats()["exported"] == 1
+    assert q.stats()["breaker"] == "closed"
+    q.shutdown(1)
+
+
+def test_breaker_opens_backs_off_and_closes_on_recovery(caplog: Any) -> None:
+    failing = [Outcome(retry=True, error="HTTP 503") for _ in range(4)]
+    sender = ScriptedSender(*failing)
+    q = queue(sender, backoff_base=0.05, backoff_cap=0.4)
+    with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
+        q.emit(span())
+        time.sleep(0.05)
+        assert q.stats()["breaker"] in ("open", "half-open")
+        assert q.flush(5)
+    gaps = [b - a for a, b in zip(sender.times, sender.times[1:], strict=False)]
+    assert len(gaps) == 4
+    # Exponential with jitter in [d/2, d]: 0.05, 0.1, 0.2, 0.4 (capped).
+    for gap, step in zip(gaps, [0.05, 0.1, 0.2, 0.4], strict=True):
+        assert gap >= step / 2 - 0.01
+    stats = q.stats()
+    assert (stats["exported"], stats["failed_exports"], stats["breaker"]) == (1, 4, "closed")
+    assert stats["last_error"] == "HTTP 503"
+    messages = [r.getMessage() for r in caplog.records]
+    # One line when it opened, one when it recovered: not one per attempt.
+    assert len(messages) == 2
+    assert messages[0].startswith("langfuse_mw: export failing (HTTP 503)")
+    assert messages[1].startswith("langfuse_mw: export recovered")
+    q.shutdown(1)
+
+
+def test_plain_500_is_retried_a_few_times_then_dropped() -> None:
+    error = Outcome(retry=True, drop_reason="server_error", error="HTTP 500")
+    sender = ScriptedSender(error, error, error)
+    q = queue(sender)
+    q.emit(span())
+    assert q.flush(5)
+    assert len(sender.times) == 3
+    assert q.stats()["dropped"] == {"server_error": 1}
+    q.shutdown(1)
+
+
+@pytest.mark.parametrize("reason", ["rejected", "redirect"])
+def test_rejected_and_redirected_batches_are_dropped_not_retried(reason: str) -> None:
+    sender = ScriptedSender(Outcome(drop_reason=reason, error="HTTP 400"))
+    q = queue(sender)
+    q.emit(span(1))
+    assert q.flush(5)
+    q.emit(span(2))  # later batches still go out
+    assert q.flush(5)
+    assert sender.batches == [["s1"], ["s2"]]
+    assert q.stats()["dropped"] == {reason: 1}
+    assert q.stats()["exported"] == 1
+    q.shutdown(1)
+
+
+def test_bad_credentials_stop_export_and_log_one_error(caplog: Any) -> None:
+    sender = ScriptedSender(Outcome(drop_reason="auth", fatal=True, error="HTTP 401 from x"))
+    q = queue(sender)
+    with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
+        q.emit(span(1))
+        q.flush(5)
+        for n in range(50):
+            q.emit(span(n + 2))
+        q.flush(0.2)
+    assert len(sender.batches) == 1  # no retry storm
+    stats = q.stats()
+    assert stats["dropped"] == {"auth": 51}
+    assert stats["breaker"] == "stopped"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "LANGFUSE_PUBLIC_KEY" in errors[0].getMessage()
+    q.shutdown(1)
+
+
+def test_payload_too_large_splits_the_batch_and_drops_a_lone_oversized_span() -> None:
+    class SplittingSender(ScriptedSender):
+        def send(self, spans: Sequence[ReadableSpan], timeout: float) -> Outcome:
+            if len(spans) > 2 or any(s.name == "s7" for s in spans):
+                self.batches.append([])
+                return Outcome(split=True, error="HTTP 413")
+            self.batches.append([s.name for s in spans])
+            return SENT
+
+    sender = SplittingSender()
+    q = queue(sender, max_batch_size=8, flush_interval=5)
+    for n in range(8):
+        q.emit(span(n + 1))
+    assert q.flush(5)
+    sent = sorted(name for batch in sender.batches for name in batch)
+    assert sent == ["s1", "s2", "s3", "s4", "s5", "s6", "s8"]
+    assert q.stats()["dropped"] == {"too_large": 1}
+    assert balanced(q.stats())
+    q.shutdown(1)
+
+
+def test_shutdown_never_waits_past_its_deadline_on_a_hanging_backend(caplog: Any) -> None:
+    sender = ScriptedSender()
+    sender.release.clear()
+    q = queue(sender)
+    for n in range(20):
+        q.emit(span(n + 1))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
+        lost = q.shutdown(0.5)
+    elapsed = time.monotonic() - started
+    assert 0.45 <= elapsed < 0.8
+    assert lost == 20
+    stats = q.stats()
+    assert stats["dropped"] == {"shutdown": 20}
+    assert balanced(stats)
+    assert any("20 spans were not exported" in r.getMessage() for r in caplog.records)
+    q.emit(span(99))  # after shutdown: counted, not queued
+    assert q.stats()["dropped"]["shutdown"] == 21
+    sender.release.set()
+    time.sleep(0.05)
+    assert q.stats()["exported"] == 0  # the abandoned batch is not counted twice
+
+
+def test_opentelemetry_force_flush_has_a_real_deadline() -> None:
+    sender = ScriptedSender()
+    sender.release.clear()
+    q = queue(sender)
+    q.emit(span())
+    started = time.monotonic()
+    assert q.force_flush(timeout_millis=300) is False
+    assert time.monotonic() - started < 0.5
+    sender.release.set()
+    assert q.force_flush() is True
+    q.shutdown(1)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_fork_child_exports_its_own_spans_only() -> None:
+    sender = ScriptedSender()
+    sender.release.clear()  # parent's spans stay queued across the fork
+    q = queue(sender, flush_interval=0.02)
+    for n in range(5):
+        q.emit(span(n + 1))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read)
+            sender.release.set()
+            for n in range(3):
+                q.emit(span(100 + n))
+            ok = q.flush(5)
+            report = f"{ok} {sorted(n for b in sender.batches for n in b)} {q.stats()['created']}"
+            os.write(write, report.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        report = pipe.read()
+    os.waitpid(pid, 0)
+    assert report == "True ['s100', 's101', 's102'] 3"
+    sender.release.set()
+    assert q.flush(5)
+    assert sorted(n for b in sender.batches for n in b) == ["s1", "s2", "s3", "s4", "s5"]
+    q.shutdown(1)
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("30") == 30.0
+    assert parse_retry_after("100000") == 300.0  # capped
+    soon = email.utils.formatdate(time.time() + 20, usegmt=True)
+    assert 18 <= (parse_retry_after(soon) or 0) <= 20
+    assert parse_retry_after(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0.0
+    for garbage in ("soon", "-5", "1.5e3", "", None, "Wed, 99 Foo 2026"):
+        assert parse_retry_after(garbage) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (200, Outcome(ok=True)),
+        (204, Outcome(ok=True)),
+        (301, "redirect"),
+        (308, "redirect"),
+        (400, "rejected"),
+        (404, "rejected"),
+        (401, "auth"),
+        (403, "auth"),
+        (413, "split"),
+        (429, "retry"),
+        (502, "retry"),
+        (503, "retry"),
+        (504, "retry"),
+        (500, "server_error"),
+    ],
+)
+def test_http_status_classes(status: int, expected: Any) -> None:
+    sender = HttpSender("http://127.0.0.1:9/x", {}, describe="host")
+    got = sender.classify(status, "7", "body")
+    if isinstance(expected, Outcome):
+        assert got == expected
+    elif expected == "split":
+        assert got.split
+    elif expected == "retry":
+        assert got.retry and got.drop_reason is None
+        assert got.retry_after == 7.0
+    elif expected == "server_error":
+        assert got.retry and got.drop_reason == "server_error"
+    else:
+        assert got.drop_reason == expected and not got.retry
+        assert got.fatal is (expected == "auth")

@@ -1,0 +1,110 @@
+"""The process runtime: one per process, private provider, deadlines, pass-through when off."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace as otel_trace
+
+import langfuse_mw
+from langfuse_mw import runtime
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers (a hung Langfuse)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime() -> Iterator[None]:
+    runtime.shutdown(0.5)
+    yield
+    runtime.shutdown(0.5)
+
+
+def test_init_builds_one_runtime_and_warns_on_conflicting_options(
+    black_hole: str, caplog: Any
+) -> None:
+    first = langfuse_mw.init(public_key="pk-1", secret_key="sk-1", base_url=black_hole)
+    assert first.enabled
+    with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
+        assert langfuse_mw.init(public_key="pk-1", secret_key="sk-1", base_url=black_hole) is first
+        assert langfuse_mw.init(public_key="pk-2", secret_key="sk-2", base_url=black_hole) is first
+    assert [r.getMessage() for r in caplog.records] == [
+        "langfuse_mw: init() called again with different connection options; keeping the "
+        "runtime built first (call shutdown() before re-initialising)"
+    ]
+    # Private provider: FastAPI's built-in telemetry and other libraries see no global one.
+    assert isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider)
+
+
+def test_shutdown_returns_within_its_deadline_when_langfuse_hangs(black_hole: str) -> None:
+    rt = langfuse_mw.init(
+        public_key="pk-hang", secret_key="sk-hang", base_url=black_hole, flush_interval=0.05
+    )
+    from langfuse import get_client
+
+    client = get_client(public_key="pk-hang")
+    for n in range(50):
+        with client.start_as_current_observation(name=f"work-{n}"):
+            pass
+    time.sleep(0.2)  # the export thread is now stuck on the hung POST
+    started = time.monotonic()
+    lost = langfuse_mw.shutdown(timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert elapsed <= 1.1
+    assert lost == 50
+    assert rt.health()["dropped"] == {"shutdown": 50}
+    assert langfuse_mw.health()["disabled_reason"] == "not initialised"
+
+
+def test_missing_credentials_give_a_pass_through_runtime_and_one_warning(caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
+        rt = langfuse_mw.init(secret_key="sk-only")
+    assert not rt.enabled
+    assert rt.disabled_reason == "LANGFUSE_PUBLIC_KEY not set"
+    assert [r.getMessage() for r in caplog.records] == [
+        "langfuse_mw: tracing is off (LANGFUSE_PUBLIC_KEY not set); requests are served untouched"
+    ]
+    assert langfuse_mw.flush(0.1) is True
+    assert langfuse_mw.shutdown(0.1) == 0
+
+
+def test_keys_that_cannot_be_sent_disable_tracing_instead_of_failing_later() -> None:
+    rt = langfuse_mw.init(public_key="pk\nbad", secret_key="sk")
+    assert rt.disabled_reason == "public_key contains characters that cannot go in an HTTP header"
+
+
+def test_disabled_by_configuration() -> None:
+    rt = langfuse_mw.init(public_key="pk", secret_key="sk", enabled=False)
+    assert not rt.enabled
+    assert langfuse_mw.health()["enabled"] is False
+
+
+def test_import_needs_no_web_framework() -> None:
+    # Block every framework import; the package and its ASGI middleware must still import.
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"starlette", "fastapi", "flask", "django", "redis", "werkzeug"}:
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+import langfuse_mw, langfuse_mw.asgi, langfuse_mw.core, langfuse_mw.testing
+frameworks = {"starlette", "fastapi", "flask", "django"}
+print(sorted(m for m in sys.modules if m.split(".")[0] in frameworks))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
