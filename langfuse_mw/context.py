@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
 
@@ -37,22 +37,22 @@ class RequestContext:
     otel_context: otel_context.Context | None = field(default=None, repr=False, compare=False)
 
 
-_current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+class _Source(Protocol):
+    # The request's observation: it builds its RequestContext only if someone asks.
+    def request_context(self) -> RequestContext: ...
+
+
+_current: contextvars.ContextVar[RequestContext | _Source | None] = contextvars.ContextVar(
     "langfuse_mw_request", default=None
 )
 
 
 def get_request_context() -> RequestContext | None:
     """Return the context of the request being served, or None outside a traced request."""
-    return _current.get()
-
-
-def _set(ctx: RequestContext | None) -> contextvars.Token[RequestContext | None]:
-    return _current.set(ctx)
-
-
-def _reset(token: contextvars.Token[RequestContext | None]) -> None:
-    _current.reset(token)
+    value = _current.get()
+    if value is None or type(value) is RequestContext:
+        return value
+    return value.request_context()  # type: ignore[union-attr]
 
 
 def run_with_context(

@@ -24,12 +24,14 @@ from typing import Any
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
+from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from . import _failsafe, runtime
+from . import _encode, _failsafe, runtime
 from .config import Settings
 from .context import RequestContext
 from .context import _current as _request_var
@@ -156,23 +158,25 @@ class RequestTracer:
             trace_id = _getrandbits(128) or 1
             trace_state = None
         span_context = SpanContext(trace_id, span_id, False, _SAMPLED, trace_state)
-        trace_hex = f"{trace_id:032x}"
 
-        ctx = otel_trace.set_span_in_context(NonRecordingSpan(span_context), otel_context.Context())
-        # The langfuse SDK's claim that this trace's root is exported (so children don't mark
-        # themselves app root), and the propagated user/session it copies onto every child.
-        ctx = otel_baggage.set_baggage(BAGGAGE_TRACE_ID, trace_hex, ctx)
+        # The request's OTel context, built in one go (each set_value copies the mapping):
+        # the span children nest under; the langfuse SDK's claim that this trace's root is
+        # exported (so children don't mark themselves app root); and the user/session the
+        # SDK copies onto every child observation (propagate_attributes' context keys).
+        values: dict[str, object] = {
+            _SPAN_KEY: NonRecordingSpan(span_context),
+            _BAGGAGE_KEY: {BAGGAGE_TRACE_ID: f"{trace_id:032x}"},
+        }
         if user_id is not None:
-            ctx = otel_context.set_value(CTX_USER, user_id, ctx)
+            values[CTX_USER] = user_id
         if session_id is not None:
-            ctx = otel_context.set_value(CTX_SESSION, session_id, ctx)
+            values[CTX_SESSION] = session_id
+        ctx = otel_context.Context(values)
 
         obs = Observation(self, rt, info, request_id, user_id, session_id, span_context, parent)
-        obs.request_context = RequestContext(
-            request_id, user_id, session_id, trace_hex, f"{span_id:016x}", ctx
-        )
+        obs.otel_context = ctx
         obs._otel_token = otel_context.attach(ctx)
-        obs._request_token = _request_var.set(obs.request_context)
+        obs._request_token = _request_var.set(obs)
         return obs
 
     def _check_request_id(self, value: str) -> bool:
@@ -234,29 +238,18 @@ def _claimed_by_upstream(headers: Mapping[str, str], trace_hex: str) -> bool:
 
 
 class Observation:
-    """The root observation of one request, from ``begin`` to ``end``."""
+    """The root observation of one request, from ``begin`` to ``end``.
+
+    Once ended it is the export record itself: the export thread turns it into OTLP bytes
+    (``encode_span``), so attribute formatting and JSON encoding stay off the request path.
+    """
 
     __slots__ = (
-        "_otel_token",
-        "_request_token",
-        "bytes_sent",
-        "disconnected",
-        "ended",
-        "exception",
-        "first_byte_ns",
-        "info",
-        "parent",
-        "request_context",
-        "request_id",
-        "route",
-        "rt",
-        "session_id",
-        "span_context",
-        "start_ns",
-        "status",
-        "tracer",
-        "user_id",
-    )
+        "_otel_token", "_request_context", "_request_token", "bytes_sent", "disconnected",
+        "end_ns", "ended", "error", "error_event", "exception", "first_byte_ns", "info",
+        "otel_context", "parent", "request_id", "resource", "route", "rt", "scope",
+        "session_id", "span_context", "start_ns", "status", "tracer", "user_id",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -271,6 +264,8 @@ class Observation:
     ) -> None:
         self.tracer = tracer
         self.rt = rt
+        self.resource = rt.resource
+        self.scope = rt.scope
         self.info = info
         self.request_id = request_id
         self.user_id = user_id
@@ -280,34 +275,57 @@ class Observation:
         self.route: str | None = None
         self.status: int | None = None
         self.exception: BaseException | None = None
+        self.error: str | None = None
+        self.error_event: dict[str, str] | None = None
         self.bytes_sent = 0
         self.first_byte_ns = 0
         self.disconnected = False
         self.ended = False
         self.start_ns = time.time_ns()
-        self.request_context: RequestContext | None = None
+        self.end_ns = 0
+        self._request_context: RequestContext | None = None
+        self.otel_context: otel_context.Context | None = None
         self._otel_token: Any = None
         self._request_token: Any = None
 
-    # -- what adapters report ---------------------------------------------------------------
+    def request_context(self) -> RequestContext:
+        """The public view of this request's ids (built on first use)."""
+        ctx = self._request_context
+        if ctx is None:
+            span = self.span_context
+            ctx = self._request_context = RequestContext(
+                self.request_id,
+                self.user_id,
+                self.session_id,
+                f"{span.trace_id:032x}",
+                f"{span.span_id:016x}",
+                self.otel_context,
+            )
+        return ctx
+
+    # -- what adapters report (ignored once ended: the export thread may be reading) ---------
 
     def set_route(self, template: str | None) -> None:
         """Record the matched route template (e.g. ``/items/{item_id}``)."""
-        self.route = template
+        if not self.ended:
+            self.route = template
 
     def set_status(self, status: int) -> None:
         """Record the response status code."""
-        self.status = status
+        if not self.ended:
+            self.status = status
 
     def add_body(self, size: int) -> None:
         """Count response body bytes; the first call marks time to first byte."""
+        if self.ended:
+            return
         if not self.first_byte_ns:
             self.first_byte_ns = time.time_ns()
         self.bytes_sent += size
 
     def record_exception(self, exc: BaseException) -> None:
         """Remember the application's exception (the adapter re-raises it untouched)."""
-        if self.exception is None:
+        if self.exception is None and not self.ended:
             self.exception = exc
 
     def mark_disconnected(self) -> None:
@@ -318,7 +336,7 @@ class Observation:
     # -- ending -------------------------------------------------------------------------------
 
     def end(self, end_ns: int | None = None) -> None:
-        """Build and queue the exported span, once; never raises.
+        """Queue the observation for export, once; never raises.
 
         ``end_ns`` lets an adapter end the observation later than the last byte left (to
         learn about an exception still on its way) while keeping the last byte's time.
@@ -327,7 +345,15 @@ class Observation:
             return
         self.ended = True
         try:
-            self.rt.emit(self._build(end_ns or time.time_ns()))
+            self.end_ns = end_ns or time.time_ns()
+            exc = self.exception
+            if exc is not None:
+                # Format now and let go of the traceback: it keeps the request's frames alive.
+                self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
+                self.error_event = _exception_attributes(exc)
+                self.exception = None
+            self.info.raw = None
+            self.rt.emit(self)
         except Exception as exc:
             _failsafe.report("end", exc)
 
@@ -342,13 +368,16 @@ class Observation:
             _failsafe.report("detach", exc)
         self._request_token = self._otel_token = None
 
-    def _build(self, end_ns: int) -> ReadableSpan:
+    # -- export (runs on the export thread) ---------------------------------------------------
+
+    def fields(self) -> tuple[str, dict[str, Any], int, str | None]:
+        """Name, attributes, OTel status code and message of the exported span."""
         info = self.info
         settings = self.tracer.settings
         route = self.route or UNMATCHED
         name = f"{'WS' if info.kind == 'websocket' else info.method} {route}"
         status = self.status
-        if status is None and self.exception is not None:
+        if status is None and self.error is not None:
             status = 500  # what the framework or server answers for an unhandled exception
         query = redact_query(info.query, self.tracer._redactor)
         attrs: dict[str, Any] = {
@@ -380,24 +409,17 @@ class Observation:
             attrs[A_META + "sessionId"] = encode_basestring(self.session_id)
         if self.rt.environment:
             attrs[A_ENVIRONMENT] = self.rt.environment
-        trace_hex = f"{self.span_context.trace_id:032x}"
         if self.parent is None:
             # Only the service that starts the trace names it: Langfuse keeps the latest
             # non-empty trace name, so a downstream service would otherwise rename it.
             attrs[A_TRACE_NAME] = name
             attrs[A_APP_ROOT] = True
-        elif not _claimed_by_upstream(info.headers, trace_hex):
+        elif not _claimed_by_upstream(info.headers, f"{self.span_context.trace_id:032x}"):
             attrs[A_APP_ROOT] = True
 
-        events: tuple[Event, ...] = ()
-        otel_status = Status(StatusCode.UNSET)
-        level = None
-        message = None
-        exc = self.exception
-        if exc is not None:
-            level = "ERROR"
-            message = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
-            events = (_exception_event(exc, end_ns),)
+        level = message = None
+        if self.error is not None:
+            level, message = "ERROR", self.error
         elif status is not None and status >= 500:
             level, message = "ERROR", f"HTTP {status}"
         elif status is not None and status >= 400:
@@ -411,33 +433,60 @@ class Observation:
         if message is not None:
             attrs[A_STATUS_MESSAGE] = message
         if level == "ERROR":
-            otel_status = Status(StatusCode.ERROR, message)
+            return name, attrs, StatusCode.ERROR.value, message
+        return name, attrs, StatusCode.UNSET.value, None
 
+    def encode_span(self) -> bytes:
+        """This observation as an OTLP ``Span`` message body."""
+        name, attrs, code, message = self.fields()
+        ctx, parent = self.span_context, self.parent
+        trace_state = ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())
+        head, flags = _encode.span_header(
+            ctx.trace_id,
+            ctx.span_id,
+            trace_state,
+            parent.span_id if parent is not None else None,
+            parent is not None,
+            name,
+            SpanKind.SERVER.value,
+            self.start_ns,
+            self.end_ns,
+        )
+        body = [head, _encode.attributes(b"\x4a", attrs.items())]
+        if self.error_event is not None:
+            event = _encode.event("exception", self.end_ns, self.error_event)
+            body.append(_encode.field(b"\x5a", event))
+        body.append(_encode.status(code, message))
+        body.append(flags)
+        return b"".join(body)
+
+    def to_readable_span(self) -> ReadableSpan:
+        """This observation as an OpenTelemetry SDK span (what the langfuse SDK would export)."""
+        name, attrs, code, message = self.fields()
+        events: tuple[Event, ...] = ()
+        if self.error_event is not None:
+            events = (Event("exception", self.error_event, self.end_ns),)
         return ReadableSpan(
             name=name,
             context=self.span_context,
             parent=self.parent,
-            resource=self.rt.resource,
+            resource=self.resource,
             attributes=attrs,
             events=events,
             kind=SpanKind.SERVER,
-            instrumentation_scope=self.rt.scope,
-            status=otel_status,
+            instrumentation_scope=self.scope,
+            status=Status(StatusCode(code), message),
             start_time=self.start_ns,
-            end_time=end_ns,
+            end_time=self.end_ns,
         )
 
 
-def _exception_event(exc: BaseException, when: int) -> Event:
+def _exception_attributes(exc: BaseException) -> dict[str, str]:
     # Langfuse ignores exception events, but other OTLP consumers read them.
     stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return Event(
-        "exception",
-        {
-            "exception.type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-            "exception.message": _truncate(str(exc), MAX_MESSAGE),
-            "exception.stacktrace": _truncate(stack, MAX_STACKTRACE),
-            "exception.escaped": "True",
-        },
-        when,
-    )
+    return {
+        "exception.type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "exception.message": _truncate(str(exc), MAX_MESSAGE),
+        "exception.stacktrace": _truncate(stack, MAX_STACKTRACE),
+        "exception.escaped": "True",
+    }

@@ -25,12 +25,16 @@ from typing import Any, Protocol
 import httpx
 from opentelemetry import context as otel_context
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 
+from ._encode import Exportable, encode_request
 from ._failsafe import log_once
 
-__all__ = ["ExportQueue", "HttpSender", "Outcome", "Sender"]
+__all__ = ["ExportQueue", "HttpSender", "Item", "Outcome", "Sender"]
+
+# A finished span: an OpenTelemetry SDK span (the handler's observations) or a request's root
+# observation (core.Observation), which is encoded without becoming an SDK span.
+Item = ReadableSpan | Exportable
 
 logger = logging.getLogger("langfuse_mw")
 
@@ -60,7 +64,7 @@ SENT = Outcome(ok=True)
 class Sender(Protocol):
     """Ships one batch of spans; never raises."""
 
-    def send(self, spans: Sequence[ReadableSpan], timeout: float) -> Outcome: ...
+    def send(self, spans: Sequence[Item], timeout: float) -> Outcome: ...
 
     def reset(self) -> None: ...
 
@@ -106,12 +110,12 @@ class HttpSender:
             self._client = httpx.Client(follow_redirects=False, trust_env=False)
         return self._client
 
-    def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
+    def encode(self, spans: Sequence[Item]) -> bytes:
         """Encode spans as an OTLP ``ExportTraceServiceRequest`` (optionally gzip-compressed)."""
-        body: bytes = encode_spans(spans).SerializeToString()
+        body = encode_request(spans)
         return gzip.compress(body, compresslevel=5) if self._gzip else body
 
-    def send(self, spans: Sequence[ReadableSpan], timeout: float) -> Outcome:
+    def send(self, spans: Sequence[Item], timeout: float) -> Outcome:
         try:
             body = self.encode(spans)
         except Exception as exc:  # an attribute the encoder cannot take: drop, not retry
@@ -194,7 +198,7 @@ class ExportQueue:
             os.register_at_fork(after_in_child=lambda: (m := weak()) and m())
 
     def _init_state(self) -> None:
-        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._queue: collections.deque[Item] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Condition(threading.Lock())
@@ -220,7 +224,7 @@ class ExportQueue:
 
     # -- request path ---------------------------------------------------------------------
 
-    def emit(self, span: ReadableSpan) -> None:
+    def emit(self, span: Item) -> None:
         """Queue a finished span; never blocks beyond a short lock, never raises."""
         if self._closed or self._fatal:
             self._drop("shutdown" if self._closed else "auth")
@@ -259,7 +263,7 @@ class ExportQueue:
         server_error_attempts = 0
         opened_at = 0.0
         last_still_failing = 0.0
-        batch: list[ReadableSpan] = []
+        batch: list[Item] = []
         while True:
             if not batch:
                 self._wake.wait(self.flush_interval)
@@ -285,6 +289,8 @@ class ExportQueue:
             if failures:
                 self.breaker = "half-open"  # this attempt is the probe
             outcome = self._send(batch)
+            if self._abandoned:
+                return  # shutdown gave up on this thread and counted its batch as lost
             give_up = False
             if outcome.retry and outcome.drop_reason:
                 # A plain 5xx may be caused by the batch itself: retry it a few times only.
@@ -356,7 +362,7 @@ class ExportQueue:
         self._drop_batch("shutdown", len(batch))
         self._notify_idle()
 
-    def _send(self, batch: list[ReadableSpan]) -> Outcome:
+    def _send(self, batch: list[Item]) -> Outcome:
         timeout = self.export_timeout
         if self._stop:
             timeout = max(0.05, min(timeout, self._deadline - time.monotonic()))

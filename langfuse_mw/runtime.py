@@ -11,14 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from . import _failsafe
 from ._version import __version__
 from .config import Settings, resolve_settings
-from .export import ExportQueue, HttpSender, Sender
+from .export import ExportQueue, HttpSender, Item, Sender
 
 __all__ = ["Runtime", "current", "flush", "get_runtime", "health", "init", "shutdown"]
 
@@ -139,7 +139,7 @@ class Runtime:
                 if not isinstance(replaced, ExportQueue):
                     replaced.shutdown(timeout_millis=100)
 
-    def emit(self, span: ReadableSpan) -> None:
+    def emit(self, span: Item) -> None:
         """Queue a finished span for export."""
         if self.queue is not None:
             self.queue.emit(span)

@@ -21,9 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
-
-    from .export import Outcome
+    from .export import Item, Outcome
     from .runtime import Runtime
 
 __all__ = ["CaptureSender", "LangfuseCapture", "capture_langfuse", "langfuse_capture"]
@@ -61,20 +59,22 @@ def view(span: dict[str, Any]) -> dict[str, Any]:
 
 
 class CaptureSender:
-    """A Sender that encodes each batch exactly as for Langfuse, then decodes it into dicts."""
+    """A Sender that encodes each batch exactly as for Langfuse, then decodes it into dicts.
+
+    Decoding uses the official protobuf classes, so every test also checks the encoder.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: list[bytes] = []
         self.spans: list[dict[str, Any]] = []
 
-    def send(self, spans: Sequence[ReadableSpan], timeout: float) -> Outcome:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
+    def send(self, spans: Sequence[Item], timeout: float) -> Outcome:
+        from ._encode import encode_request
         from ._otlp import decode_protobuf, spans_from_request
         from .export import SENT
 
-        body = encode_spans(spans).SerializeToString()
+        body = encode_request(spans)
         decoded = [view(span) for span in spans_from_request(decode_protobuf(body))]
         with self._lock:
             self.requests.append(body)

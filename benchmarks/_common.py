@@ -1,0 +1,127 @@
+"""Shared pieces of the benchmarks: sinks that encode like a real export, timing, the table."""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from langfuse_mw.export import HttpSender, Item, Outcome
+
+
+class EncodingSink:
+    """A langfuse_mw Sender that encodes and gzips each batch as for Langfuse, then drops it.
+
+    The background cost of encoding is real; only the network is left out, for every variant.
+    """
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self._encoder = HttpSender("http://127.0.0.1:9", {})
+
+    def send(self, spans: Sequence[Item], timeout: float) -> Outcome:
+        self._encoder.encode(spans)
+        self.spans += len(spans)
+        return Outcome(ok=True)
+
+    def reset(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class EncodingExporter(SpanExporter):
+    """The same sink as an OpenTelemetry exporter, for the peers."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        gzip.compress(encode_spans(spans).SerializeToString(), compresslevel=5)
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def versions(*names: str) -> str:
+    """Installed versions of the named distributions, for the report header."""
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} (missing)")
+    return ", ".join(found)
+
+
+def header(title: str, packages: Sequence[str]) -> None:
+    """Print what ran where."""
+    print(f"# {title}")
+    print(f"python {platform.python_version()} on {platform.machine()}, {platform.system()}")
+    print(versions(*packages))
+    print()
+
+
+def run_rounds(
+    variants: dict[str, Callable[[int], float]],
+    *,
+    rounds: int,
+    requests: int,
+    settle: Callable[[], Any] = lambda: None,
+) -> dict[str, list[float]]:
+    """Alternate the variants round by round; each call returns seconds for ``requests``.
+
+    ``settle`` runs before each measurement so one variant's background export does not
+    land in the next variant's time.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            settle()
+            gc.collect()
+            samples[name].append(run(requests) / requests * 1e6)
+    return samples
+
+
+def table(samples: dict[str, list[float]], baseline: str, peers: Sequence[str] = ()) -> None:
+    """Print median and min-max per variant, overhead over the baseline and ratios."""
+    base = statistics.median(samples[baseline])
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"{'variant':<34}{'median us/req':>14}{'min-max':>18}{'overhead':>11}{'x bare':>8}")
+    for name, values in samples.items():
+        median = medians[name]
+        spread = f"{min(values):.1f}-{max(values):.1f}"
+        print(f"{name:<34}{median:>14.1f}{spread:>18}{median - base:>+11.1f}{median / base:>8.2f}")
+    ours = [n for n in samples if n.startswith("langfuse_mw")]
+    for name in ours:
+        for peer in peers:
+            mine, theirs = medians[name] - base, medians[peer] - base
+            if theirs > 0:
+                print(f"overhead ratio {name} / {peer}: {mine / theirs:.2f}")
+    print()
+
+
+def cpu_seconds() -> float:
+    """Process CPU time, all threads (so background export is counted)."""
+    return time.process_time()
+
+
+def note(text: str) -> None:
+    print(text, file=sys.stdout)
+
+
+def noop(*args: Any) -> None:
+    return None

@@ -1,0 +1,224 @@
+"""Per-request overhead of tracing a Starlette app, in-process, against the peers in one run.
+
+Variants, alternated round by round:
+  bare                        the app alone
+  langfuse_mw                 LangfuseMiddleware, 100 % traced, user/session/request id
+  langfuse_mw (excluded path) a request LangfuseMiddleware skips (exclude_paths)
+  otel asgi (1 span)          opentelemetry-instrumentation-asgi, exclude_spans=receive/send
+  naive langfuse (docs)       the @app.middleware("http") example from the Langfuse docs
+                              (BaseHTTPMiddleware + start_as_current_observation)
+
+Every tracing variant exports through a sink that encodes OTLP protobuf in the background
+(only the network is left out). Printed: request-path µs/request (wall, median of rounds),
+and total CPU µs/request including the export thread.
+
+    python benchmarks/asgi_overhead.py [--rounds 7] [--requests 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from starlette.applications import Starlette
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from benchmarks._common import (
+    EncodingExporter,
+    EncodingSink,
+    cpu_seconds,
+    header,
+    run_rounds,
+    table,
+)
+
+HEADERS = [
+    (b"host", b"bench"),
+    (b"user-agent", b"bench/1.0"),
+    (b"x-user-id", b"user-123"),
+    (b"x-session-id", b"session-456"),
+    (b"accept", b"*/*"),
+]
+
+
+async def hello(request: Request) -> Response:
+    return PlainTextResponse("hello")
+
+
+def make_app() -> Starlette:
+    return Starlette(routes=[Route("/items/{item_id}", hello), Route("/health", hello)])
+
+
+def driver(app: Any, path: str) -> Callable[[int], float]:
+    """Return run(n) -> seconds for n sequential requests through the ASGI callable."""
+    scope_template = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"page=2",
+        "headers": HEADERS,
+        "client": ("127.0.0.1", 50000),
+        "server": ("bench", 80),
+    }
+    request = {"type": "http.request", "body": b"", "more_body": False}
+
+    async def receive() -> dict[str, Any]:
+        return request
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    async def many(n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            await app(dict(scope_template), receive, send)
+        return time.perf_counter() - started
+
+    loop = asyncio.new_event_loop()
+
+    def run(n: int) -> float:
+        return loop.run_until_complete(many(n))
+
+    return run
+
+
+def langfuse_mw_app(sink: EncodingSink, excluded: bool = False) -> Any:
+    from langfuse_mw import LangfuseMiddleware, runtime
+    from langfuse_mw.config import resolve_settings
+
+    if runtime.current() is None:
+        settings = resolve_settings(
+            {"public_key": "pk-lf-bench", "secret_key": "sk-lf-bench", "base_url": "http://x"}
+        )
+        with runtime._lock:
+            runtime._install(runtime.Runtime(settings, sender=sink))
+    app = make_app()
+    app.add_middleware(LangfuseMiddleware, exclude_paths=["/health"] if excluded else [])
+    return app
+
+
+def otel_app(exporter: EncodingExporter) -> Any:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    app = make_app()
+    app.add_middleware(
+        OpenTelemetryMiddleware, tracer_provider=provider, exclude_spans=["receive", "send"]
+    )
+    return app
+
+
+def naive_app(exporter: EncodingExporter) -> Any:
+    from langfuse import Langfuse, propagate_attributes
+
+    client = Langfuse(
+        public_key="pk-lf-naive",
+        secret_key="sk-lf-naive",
+        base_url="http://127.0.0.1:9",
+        tracer_provider=TracerProvider(),
+        span_exporter=exporter,
+    )
+    app = make_app()
+
+    async def langfuse_middleware(request: Request, call_next: Any) -> Response:
+        with (
+            client.start_as_current_observation(
+                as_type="span", name=f"{request.method} {request.url.path}"
+            ) as span,
+            propagate_attributes(
+                user_id=request.headers.get("x-user-id"),
+                session_id=request.headers.get("x-session-id"),
+            ),
+        ):
+            response: Response = await call_next(request)
+            span.update(output={"status_code": response.status_code})
+        return response
+
+    # What @app.middleware("http") does (the decorator is gone from Starlette 1.x).
+    app.add_middleware(BaseHTTPMiddleware, dispatch=langfuse_middleware)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+
+    header(
+        "ASGI overhead, in-process (Starlette hello world)",
+        ["langfuse-mw", "langfuse", "starlette", "opentelemetry-sdk",
+         "opentelemetry-instrumentation-asgi"],
+    )  # fmt: skip
+    sink = EncodingSink()
+    otel_exporter, naive_exporter = EncodingExporter(), EncodingExporter()
+    variants = {
+        "bare": driver(make_app(), "/items/1"),
+        "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
+        "langfuse_mw (excluded path)": driver(langfuse_mw_app(sink, excluded=True), "/health"),
+        "otel asgi (1 span)": driver(otel_app(otel_exporter), "/items/1"),
+        "naive langfuse (docs)": driver(naive_app(naive_exporter), "/items/1"),
+    }
+    for run in variants.values():  # warm up imports, caches, threads
+        run(300)
+
+    from langfuse_mw import runtime
+
+    def settle() -> None:
+        runtime.flush(10)
+        time.sleep(0.3)  # OpenTelemetry's batch threads have no usable flush deadline
+
+    print("## request path (wall time on the request's thread)")
+    samples = run_rounds(variants, rounds=args.rounds, requests=args.requests, settle=settle)
+    table(samples, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
+
+    print("## total CPU per request, background export included")
+
+    def with_cpu(run: Callable[[int], float], flush: Callable[[], Any]) -> Callable[[int], float]:
+        def measured(n: int) -> float:
+            flush()
+            before = cpu_seconds()
+            run(n)
+            flush()
+            return cpu_seconds() - before
+
+        return measured
+
+    def otel_flush() -> None:
+        time.sleep(0.3)  # OpenTelemetry's force_flush has no deadline; let its batch go
+
+    cpu_variants = {
+        "bare": with_cpu(variants["bare"], lambda: None),
+        "langfuse_mw": with_cpu(variants["langfuse_mw"], lambda: runtime.flush(10)),
+        "otel asgi (1 span)": with_cpu(variants["otel asgi (1 span)"], otel_flush),
+        "naive langfuse (docs)": with_cpu(variants["naive langfuse (docs)"], otel_flush),
+    }
+    cpu = run_rounds(cpu_variants, rounds=max(3, args.rounds // 2), requests=args.requests)
+    table(cpu, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
+    health = runtime.health()
+    print(
+        f"langfuse_mw export: created={health['created']} exported={health['exported']} "
+        f"dropped={health['dropped']} (sink saw {sink.spans})"
+    )
+
+
+if __name__ == "__main__":
+    main()

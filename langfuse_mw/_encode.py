@@ -1,0 +1,289 @@
+"""OTLP/protobuf encoding of spans, written straight to wire bytes.
+
+OpenTelemetry's encoder builds a tree of protobuf objects per span (~50 µs/span here, on the
+GIL the request threads need). This writes the same ``ExportTraceServiceRequest`` bytes
+directly (~10 µs/span); tests decode both with the official classes and compare them.
+Field numbers are those of opentelemetry/proto/trace/v1/trace.proto.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+__all__ = ["Exportable", "encode_request", "encode_value"]
+
+_pack_double = struct.Struct("<d").pack
+_pack_fixed64 = struct.Struct("<Q").pack
+_pack_fixed32 = struct.Struct("<I").pack
+_SMALL = [bytes([n]) for n in range(128)]
+_INT64 = (1 << 64) - 1
+# OTel SpanKind (INTERNAL=0 ...) to OTLP's enum (SPAN_KIND_INTERNAL=1 ...).
+_KIND_OFFSET = 1
+_FLAGS_HAS_IS_REMOTE = 0x100
+_FLAGS_IS_REMOTE = 0x200
+
+
+class Exportable(Protocol):
+    """What the encoder needs from a record that is not an SDK ReadableSpan (core.Observation)."""
+
+    resource: Resource
+    scope: InstrumentationScope
+
+    def encode_span(self) -> bytes: ...
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    if n < 0x80:
+        return _SMALL[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    return tag + varint(len(payload)) + payload
+
+
+def encode_value(value: Any) -> bytes:
+    """An ``AnyValue`` message body (OpenTelemetry's mapping of Python values)."""
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return field(b"\x0a", value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, int):
+        return b"\x18" + varint(value & _INT64)
+    if isinstance(value, float):
+        return b"\x21" + _pack_double(value)
+    if isinstance(value, bytes):
+        return field(b"\x3a", value)
+    if isinstance(value, Sequence):
+        return field(b"\x2a", b"".join(field(b"\x0a", encode_value(v)) for v in value))
+    if isinstance(value, Mapping):
+        pairs = b"".join(field(b"\x0a", key_value(str(k), v)) for k, v in value.items())
+        return field(b"\x32", pairs)
+    raise TypeError(f"cannot encode a {type(value).__name__} attribute value")
+
+
+_KEY_CACHE: dict[str, bytes] = {}
+# (tag, key, value) -> the whole encoded attribute field. Most attributes of a request repeat
+# (type, route, status, framework, user agent, environment, a user's id), so most encode to a
+# dict lookup. Bounded: cleared when full, never grows with traffic.
+_FIELD_CACHE: dict[tuple[bytes, str, Any], bytes] = {}
+_FIELD_CACHE_LIMIT = 16384
+_CACHEABLE_LENGTH = 256
+
+
+def _key(key: str) -> bytes:
+    prefix = _KEY_CACHE.get(key)
+    if prefix is None:
+        prefix = field(b"\x0a", key.encode("utf-8", "surrogatepass"))
+        if len(_KEY_CACHE) < 4096:
+            _KEY_CACHE[key] = prefix
+    return prefix
+
+
+def key_value(key: str, value: Any) -> bytes:
+    """A ``KeyValue`` message body."""
+    return _key(key) + field(b"\x12", encode_value(value))
+
+
+def attribute(tag: bytes, key: str, value: Any) -> bytes:
+    """One ``KeyValue`` field under ``tag``, from the cache when the pair was seen before."""
+    if (type(value) is str and len(value) <= _CACHEABLE_LENGTH) or type(value) is bool:
+        cache_key = (tag, key, value)
+        hit = _FIELD_CACHE.get(cache_key)
+        if hit is None:
+            hit = field(tag, key_value(key, value))
+            if len(_FIELD_CACHE) >= _FIELD_CACHE_LIMIT:
+                _FIELD_CACHE.clear()
+            _FIELD_CACHE[cache_key] = hit
+        return hit
+    return field(tag, key_value(key, value))
+
+
+def attributes(tag: bytes, items: Iterable[tuple[str, Any]]) -> bytes:
+    """Repeated ``KeyValue`` fields under ``tag``."""
+    return b"".join([attribute(tag, k, v) for k, v in items])
+
+
+def status(code: int, message: str | None) -> bytes:
+    """The ``Status`` field (always present, as OpenTelemetry's encoder writes it)."""
+    body = b""
+    if message:
+        body += field(b"\x12", message.encode("utf-8", "surrogatepass"))
+    if code:
+        body += b"\x18" + varint(code)
+    return field(b"\x7a", body)
+
+
+def event(name: str, time_ns: int, attrs: Mapping[str, Any] | None, dropped: int = 0) -> bytes:
+    """A ``Span.Event`` message body."""
+    body = b"\x09" + _pack_fixed64(time_ns) if time_ns else b""
+    if name:
+        body += field(b"\x12", name.encode())
+    if attrs:
+        body += attributes(b"\x1a", attrs.items())
+    if dropped:
+        body += b"\x20" + varint(dropped)
+    return body
+
+
+def span_header(
+    trace_id: int,
+    span_id: int,
+    trace_state: str,
+    parent_id: int | None,
+    parent_is_remote: bool,
+    name: str,
+    kind: int,
+    start: int,
+    end: int,
+) -> tuple[bytes, bytes]:
+    """Fields 1-8 of a ``Span`` and its trailing ``flags`` field (16)."""
+    head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")
+    if trace_state:
+        head += field(b"\x1a", trace_state.encode())
+    if parent_id is not None:
+        head += b"\x22\x08" + parent_id.to_bytes(8, "big")
+    if name:
+        head += field(b"\x2a", name.encode("utf-8", "surrogatepass"))
+    head += b"\x30" + varint(kind + _KIND_OFFSET)
+    if start:
+        head += b"\x39" + _pack_fixed64(start)
+    if end:
+        head += b"\x41" + _pack_fixed64(end)
+    flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if parent_is_remote else 0)
+    return head, b"\x85\x01" + _pack_fixed32(flags)
+
+
+def readable_span(span: ReadableSpan) -> bytes:
+    """A ``Span`` message body for an OpenTelemetry SDK span (the handler's observations)."""
+    ctx = span.context
+    assert ctx is not None  # an ended SDK span always has its context
+    parent = span.parent
+    trace_state = ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())
+    head, flags = span_header(
+        ctx.trace_id,
+        ctx.span_id,
+        trace_state,
+        parent.span_id if parent else None,
+        bool(parent and parent.is_remote),
+        span.name,
+        span.kind.value,
+        span.start_time or 0,
+        span.end_time or 0,
+    )
+    body = [head]
+    if span.attributes:
+        body.append(attributes(b"\x4a", span.attributes.items()))
+    if span.dropped_attributes:
+        body.append(b"\x50" + varint(span.dropped_attributes))
+    for ev in span.events:
+        encoded = event(ev.name, ev.timestamp, ev.attributes, ev.dropped_attributes)
+        body.append(field(b"\x5a", encoded))
+    if span.dropped_events:
+        body.append(b"\x60" + varint(span.dropped_events))
+    for link in span.links:
+        link_body = (
+            b"\x0a\x10"
+            + link.context.trace_id.to_bytes(16, "big")
+            + b"\x12\x08"
+            + link.context.span_id.to_bytes(8, "big")
+        )
+        if link.attributes:
+            link_body += attributes(b"\x22", link.attributes.items())
+        if link.dropped_attributes:
+            link_body += b"\x28" + varint(link.dropped_attributes)
+        remote = _FLAGS_IS_REMOTE if link.context.is_remote else 0
+        link_body += b"\x35" + _pack_fixed32(_FLAGS_HAS_IS_REMOTE | remote)
+        body.append(field(b"\x6a", link_body))
+    if span.dropped_links:
+        body.append(b"\x70" + varint(span.dropped_links))
+    body.append(status(span.status.status_code.value, span.status.description))
+    body.append(flags)
+    return b"".join(body)
+
+
+_HEADERS: dict[int, tuple[Any, bytes]] = {}
+
+
+def _cached(obj: Any, build: Any) -> bytes:
+    # Resources and scopes live as long as the process and are encoded once each.
+    hit = _HEADERS.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    encoded: bytes = build(obj)
+    if len(_HEADERS) < 256:
+        _HEADERS[id(obj)] = (obj, encoded)
+    return encoded
+
+
+def _resource(resource: Resource | None) -> bytes:
+    attrs = resource.attributes if resource is not None else {}
+    return field(b"\x0a", attributes(b"\x0a", attrs.items()))
+
+
+def _scope(scope: InstrumentationScope | None) -> bytes:
+    if scope is None:
+        return field(b"\x0a", b"")
+    body = field(b"\x0a", scope.name.encode()) if scope.name else b""
+    if scope.version:
+        body += field(b"\x12", scope.version.encode())
+    if scope.attributes:
+        body += attributes(b"\x1a", scope.attributes.items())
+    return field(b"\x0a", body)
+
+
+def encode_request(items: Sequence[ReadableSpan | Exportable]) -> bytes:
+    """Encode spans and observations as one ``ExportTraceServiceRequest``, grouped like OTel."""
+    groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    for item in items:
+        if isinstance(item, ReadableSpan):
+            resource, scope = item.resource, item.instrumentation_scope
+            encoded = readable_span(item)
+        else:
+            resource, scope = item.resource, item.scope
+            encoded = item.encode_span()
+        # By identity here (hashing a Resource serialises it); merged by value below.
+        by_scope = groups.setdefault(id(resource), (resource, {}))[1]
+        by_scope.setdefault(id(scope), (scope, []))[1].append(encoded)
+    out = []
+    for resource, scopes in _merge_equal((r, list(s.values())) for r, s in groups.values()):
+        scope_spans = []
+        for scope, spans in _merge_equal(scopes):
+            body = _cached(scope, _scope) + b"".join(field(b"\x12", s) for s in spans)
+            if scope is not None and scope.schema_url:
+                body += field(b"\x1a", scope.schema_url.encode())
+            scope_spans.append(field(b"\x12", body))
+        body = _cached(resource, _resource) + b"".join(scope_spans)
+        if resource is not None and resource.schema_url:
+            body += field(b"\x1a", resource.schema_url.encode())
+        out.append(field(b"\x0a", body))
+    return b"".join(out)
+
+
+def _merge_equal(groups: Iterable[tuple[Any, list[Any]]]) -> list[tuple[Any, list[Any]]]:
+    # Equal resources (or scopes) that are distinct objects share one group, as in OTel's
+    # encoder; there are only a handful of groups, so pairwise comparison is cheap.
+    merged: list[tuple[Any, list[Any]]] = []
+    for key, members in groups:
+        for other, others in merged:
+            if other is key or other == key:
+                others.extend(members)  # spans, or (scope, spans) pairs for a resource
+                break
+        else:
+            merged.append((key, list(members)))
+    return merged

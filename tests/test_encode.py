@@ -1,0 +1,132 @@
+"""Our OTLP encoder writes exactly what OpenTelemetry's encoder writes (decoded and compared)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from langfuse_mw import runtime
+from langfuse_mw._encode import encode_request
+from langfuse_mw.config import resolve_settings
+from langfuse_mw.core import Observation
+from langfuse_mw.export import SENT, Outcome
+from tests.asgi_driver import call
+from tests.conftest import traced_app
+
+pytestmark = pytest.mark.anyio
+
+
+def ours(items: Sequence[Any]) -> ExportTraceServiceRequest:
+    return ExportTraceServiceRequest.FromString(encode_request(items))
+
+
+def theirs(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+    return ExportTraceServiceRequest.FromString(encode_spans(spans).SerializeToString())
+
+
+RESOURCE = Resource.create({"service.name": "svc", "langfuse.environment": "prod"})
+SCOPE = InstrumentationScope("langfuse-sdk", "5.0.4", None, {"public_key": "pk"})
+
+
+def make_span(attrs: dict[str, Any], **overrides: Any) -> ReadableSpan:
+    fields: dict[str, Any] = {
+        "name": "span",
+        "context": SpanContext(0xABC, 0xDEF, False, TraceFlags(1), TraceState([("v", "1")])),
+        "parent": SpanContext(0xABC, 0x123, True, TraceFlags(1)),
+        "resource": RESOURCE,
+        "attributes": attrs,
+        "events": (Event("e", {"k": 1, "f": 1.5}, 5),),
+        "links": (Link(SpanContext(0x1, 0x2, True, TraceFlags(1)), {"l": "x"}),),
+        "kind": SpanKind.CLIENT,
+        "instrumentation_scope": SCOPE,
+        "status": Status(StatusCode.ERROR, "bad"),
+        "start_time": 10,
+        "end_time": 20,
+    }
+    fields.update(overrides)
+    return ReadableSpan(**fields)
+
+
+def test_sdk_spans_encode_identically() -> None:
+    other_scope = InstrumentationScope("openinference.x", "1")
+    spans = [
+        make_span(
+            {"a": "x", "n": -5, "big": 2**63 - 1, "ok": True, "pi": 3.14, "tags": ["a", "b"]}
+        ),
+        make_span({}, parent=None, events=(), links=(), status=Status(StatusCode.UNSET)),
+        make_span({"u": "caf\u00e9 \u2603"}, instrumentation_scope=other_scope),
+        make_span({"b": [True, False], "i": [1, 2], "f": [0.5]}, resource=Resource.get_empty()),
+        make_span({"x": "y"}, instrumentation_scope=None, name="", start_time=0),
+    ]
+    assert ours(spans) == theirs(spans)
+
+
+scalar = st.one_of(
+    st.text(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+)
+value = st.one_of(scalar, st.lists(st.text(), max_size=3), st.lists(st.integers(0, 10), max_size=3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=20), value, max_size=8), st.text(max_size=30))
+def test_any_attributes_encode_identically(attrs: dict[str, Any], name: str) -> None:
+    spans = [make_span(attrs, name=name)]
+    assert ours(spans) == theirs(spans)
+
+
+class Keep:
+    """A Sender that keeps the exported items themselves."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def send(self, spans: Sequence[Any], timeout: float) -> Outcome:
+        self.items.extend(spans)
+        return SENT
+
+    def reset(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+async def test_request_observations_encode_like_the_equivalent_sdk_span() -> None:
+    runtime.shutdown(0.5)
+    keep = Keep()
+    settings = resolve_settings(
+        {"public_key": "pk-enc", "secret_key": "sk-enc", "environment": "staging"}, environ={}
+    )
+    with runtime._lock:
+        runtime._install(runtime.Runtime(settings, sender=keep))
+    try:
+        app = traced_app("starlette")
+        await call(app, "/items/1", query=b"token=x", headers=[(b"x-user-id", b"u")])
+        await call(app, "/boom")
+        await call(
+            app,
+            "/stream",
+            headers=[(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+        )
+        runtime.flush(5)
+    finally:
+        runtime.shutdown(1)
+    observations = [i for i in keep.items if isinstance(i, Observation)]
+    sdk_spans = [i for i in keep.items if isinstance(i, ReadableSpan)]
+    assert len(observations) == 3 and len(sdk_spans) == 1
+    as_sdk = [i.to_readable_span() if isinstance(i, Observation) else i for i in keep.items]
+    assert ours(keep.items) == theirs(as_sdk)
