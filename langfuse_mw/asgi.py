@@ -220,20 +220,22 @@ def _consume(task: asyncio.Task[None]) -> None:
 def _lifespan_send(send: Send, timeout: float) -> Send:
     async def lifespan_send(message: Message) -> None:
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            await _flush_off_loop(timeout)
+            await _shutdown_off_loop(timeout)
         await send(message)
 
     return lifespan_send
 
 
-async def _flush_off_loop(timeout: float) -> None:
-    # Flushing waits on the export thread; keep the event loop free meanwhile.
+async def _shutdown_off_loop(timeout: float) -> None:
+    # The server has drained its requests and is about to exit: export what is queued and
+    # stop, within the one deadline (a flush here and another at exit could take twice as
+    # long). A later request would build a new runtime. Keep the event loop free meanwhile.
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio (trio): a bounded wait at shutdown is acceptable
-        runtime.flush(timeout)
+        runtime.shutdown(timeout)
         return
     try:
-        await loop.run_in_executor(None, runtime.flush, timeout)
+        await loop.run_in_executor(None, runtime.shutdown, timeout)
     except Exception as exc:
-        report("lifespan.flush", exc)
+        report("lifespan.shutdown", exc)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from opentelemetry import trace as otel_trace
 
+import langfuse_mw
 from langfuse_mw import LangfuseMiddleware, get_request_context, health
 from langfuse_mw.testing import LangfuseCapture
 from tests import apps
@@ -454,7 +455,7 @@ async def test_websocket_connection_is_one_observation(
 
 
 @framework
-async def test_lifespan_shutdown_flushes_the_queue(framework: str) -> None:
+async def test_lifespan_shutdown_exports_the_queue_and_stops(framework: str) -> None:
     from langfuse_mw.testing import capture_langfuse
 
     # A 60 s export interval: only the lifespan flush can have shipped the span in time.
@@ -468,6 +469,7 @@ async def test_lifespan_shutdown_flushes_the_queue(framework: str) -> None:
         replies = await lifespan(app, one_request)
         assert replies == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
         assert [s["name"] for s in capture.sender.spans] == ["GET /health"]
+        assert langfuse_mw.runtime.current() is None  # nothing left for the exit hook
 
 
 async def test_fastapi_builtin_telemetry_stays_off(
