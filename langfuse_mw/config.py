@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -64,6 +65,9 @@ class Settings:
     redact_query_keys: tuple[str, ...] = DEFAULT_REDACT_QUERY_KEYS
     capture_client_ip: bool = False
     level_4xx: Level = "WARNING"
+    trust_incoming: Literal["continue", "link", "ignore"] = "continue"
+    trusted_networks: tuple[str, ...] = ()
+    propagate_to: tuple[str, ...] = ("internal",)
 
     # Where each value came from ("argument", "env:NAME", "default"); for `doctor` and logs.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -191,6 +195,34 @@ def _parse(name: str, raw: Any) -> Any:
         return frozenset(method.upper() for method in _parse_list(name, raw))
     if name == "redact_query_keys":
         return tuple(key.lower() for key in _parse_list(name, raw))
+    if name == "trust_incoming":
+        mode = str(raw).strip().lower()
+        if mode not in ("continue", "link", "ignore"):
+            raise ConfigError(
+                f"trust_incoming: expected 'continue', 'link' or 'ignore', got {raw!r}"
+            )
+        return mode
+    if name == "trusted_networks":
+        networks = _parse_list(name, raw)
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"trusted_networks: {network!r} is not an IP network such as 10.0.0.0/8"
+                ) from None
+        return networks
+    if name == "propagate_to":
+        targets = _parse_list(name, raw)
+        for target in targets:
+            if target.startswith("re:"):
+                try:
+                    re.compile(target[3:])
+                except re.error as exc:
+                    raise ConfigError(
+                        f"propagate_to: {target!r} is not a valid regex ({exc})"
+                    ) from None
+        return targets
     if name == "level_4xx":
         level = str(raw).strip().upper()
         if level not in _LEVELS:

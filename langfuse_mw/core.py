@@ -15,41 +15,31 @@ from __future__ import annotations
 import random
 import re
 import time
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
-from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.baggage import _BAGGAGE_KEY
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from . import _encode, _failsafe, runtime
+from . import _failsafe, runtime
+from ._record import MAX_MESSAGE, SpanRecord, exception_attributes
 from .config import Settings
 from .context import RequestContext
 from .context import _current as _request_var
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
+from .propagation import TrustPolicy, read_incoming
 
 __all__ = ["Observation", "RequestInfo", "RequestTracer"]
 
 UNMATCHED = "<unmatched>"
-MAX_MESSAGE = 1024
-MAX_STACKTRACE = 8192
-# W3C caps: a traceparent is 55 characters in version 00; anything far longer is not worth parsing.
-MAX_TRACEPARENT = 512
-MAX_BAGGAGE = 8192
 MAX_CUSTOM_ID = 1024
 
-_tracecontext = TraceContextTextMapPropagator()
-_baggage = W3CBaggagePropagator()
 _SAMPLED = otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)
 _getrandbits = random.getrandbits
 
@@ -104,6 +94,7 @@ class RequestTracer:
         self._redactor = compile_redactor(settings.redact_query_keys)
         self._validate_request_id = settings.request_id_validator or is_valid_request_id
         self.request_id_header = settings.request_id_header
+        self.trust = TrustPolicy(settings.trust_incoming, settings.trusted_networks)
         names = {
             settings.request_id_header,
             "traceparent",
@@ -144,12 +135,19 @@ class RequestTracer:
         elif not self._check_request_id(request_id):
             _failsafe.reject("request_id")
             request_id = new_request_id()
-        user_id = self._identity(settings.user_id_from, settings.user_id_header, info, "user_id")
+        trust = self.trust
+        peer_trusted = trust.peer_trusted(info.client_ip) if trust.networks else True
+        incoming = read_incoming(headers, trust.mode if peer_trusted else "ignore")
+        user_id = self._identity(
+            settings.user_id_from, settings.user_id_header, info, "user_id",
+            incoming.user_id, peer_trusted,
+        )  # fmt: skip
         session_id = self._identity(
-            settings.session_id_from, settings.session_id_header, info, "session_id"
-        )
+            settings.session_id_from, settings.session_id_header, info, "session_id",
+            incoming.session_id, peer_trusted,
+        )  # fmt: skip
 
-        parent = _remote_parent(headers)
+        parent = incoming.parent
         span_id = _getrandbits(64) or 1
         if parent is not None:
             trace_id = parent.trace_id
@@ -160,12 +158,15 @@ class RequestTracer:
         span_context = SpanContext(trace_id, span_id, False, _SAMPLED, trace_state)
 
         # The request's OTel context, built in one go (each set_value copies the mapping):
-        # the span children nest under; the langfuse SDK's claim that this trace's root is
-        # exported (so children don't mark themselves app root); and the user/session the
-        # SDK copies onto every child observation (propagate_attributes' context keys).
+        # the span children nest under; baggage to pass on (the caller's, minus langfuse's own
+        # entries, plus the langfuse SDK's claim that this trace's root is exported, so
+        # children don't mark themselves app root); and the user/session the SDK copies onto
+        # every child observation (propagate_attributes' context keys).
+        baggage = incoming.forwardable() if incoming.baggage else {}
+        baggage[BAGGAGE_TRACE_ID] = f"{trace_id:032x}"
         values: dict[str, object] = {
             _SPAN_KEY: NonRecordingSpan(span_context),
-            _BAGGAGE_KEY: {BAGGAGE_TRACE_ID: f"{trace_id:032x}"},
+            _BAGGAGE_KEY: baggage,
         }
         if user_id is not None:
             values[CTX_USER] = user_id
@@ -175,6 +176,8 @@ class RequestTracer:
 
         obs = Observation(self, rt, info, request_id, user_id, session_id, span_context, parent)
         obs.otel_context = ctx
+        obs.linked = incoming.linked
+        obs.claimed = parent is not None and incoming.claims(trace_id)
         obs._otel_token = otel_context.attach(ctx)
         obs._request_token = _request_var.set(obs)
         return obs
@@ -190,7 +193,18 @@ class RequestTracer:
             _failsafe.report("request_id_validator", exc)
             return False
 
-    def _identity(self, source: Any, header: str, info: RequestInfo, cause: str) -> str | None:
+    def _identity(
+        self,
+        source: Any,
+        header: str,
+        info: RequestInfo,
+        cause: str,
+        from_baggage: str | None,
+        peer_trusted: bool,
+    ) -> str | None:
+        # Your callable (your authentication) wins; then the header, then langfuse baggage
+        # from the caller (trusted exactly as far as the header is: trust_incoming=continue
+        # and, with trusted_networks, a peer inside them).
         if source is not None:
             try:
                 value = source(info)
@@ -201,7 +215,9 @@ class RequestTracer:
                 return None
             cleaned = clean_id(value) if isinstance(value, str) else None
         else:
-            value = info.headers.get(header)
+            value = info.headers.get(header) if peer_trusted else None
+            if value is None:
+                value = from_baggage
             if value is None:
                 return None
             cleaned = clean_id(value)
@@ -210,45 +226,22 @@ class RequestTracer:
         return cleaned
 
 
-def _remote_parent(headers: Mapping[str, str]) -> SpanContext | None:
-    traceparent = headers.get("traceparent")
-    if traceparent is None or len(traceparent) > MAX_TRACEPARENT:
-        if traceparent is not None:
-            _failsafe.reject("traceparent")
-        return None
-    carrier = {"traceparent": traceparent}
-    tracestate = headers.get("tracestate")
-    if tracestate is not None:
-        carrier["tracestate"] = tracestate
-    parent = otel_trace.get_current_span(_tracecontext.extract(carrier)).get_span_context()
-    if not parent.is_valid:
-        _failsafe.reject("traceparent")
-        return None
-    return parent
-
-
-def _claimed_by_upstream(headers: Mapping[str, str], trace_hex: str) -> bool:
-    # The langfuse SDK upstream claims the trace's root in baggage; then our root is not the
-    # app root. Only that one entry is read here: user/session baggage is not trusted.
-    raw = headers.get("baggage")
-    if not raw or len(raw) > MAX_BAGGAGE:
-        return False
-    claimed = otel_baggage.get_baggage(BAGGAGE_TRACE_ID, _baggage.extract({"baggage": raw}))
-    return isinstance(claimed, str) and claimed.lower() == trace_hex
-
-
-class Observation:
+class Observation(SpanRecord):
     """The root observation of one request, from ``begin`` to ``end``.
+
+    Exported as an OpenTelemetry SERVER span.
 
     Once ended it is the export record itself: the export thread turns it into OTLP bytes
     (``encode_span``), so attribute formatting and JSON encoding stay off the request path.
     """
 
+    KIND = SpanKind.SERVER
     __slots__ = (
-        "_otel_token", "_request_context", "_request_token", "bytes_sent", "disconnected",
-        "end_ns", "ended", "error", "error_event", "exception", "first_byte_ns", "info",
-        "otel_context", "parent", "request_id", "resource", "route", "rt", "scope",
-        "session_id", "span_context", "start_ns", "status", "tracer", "user_id",
+        "_otel_token", "_request_context", "_request_token", "bytes_sent", "claimed",
+        "disconnected", "end_ns", "ended", "error", "error_event", "exception",
+        "first_byte_ns", "info", "linked", "otel_context", "parent", "request_id", "resource",
+        "route", "rt", "scope", "session_id", "span_context", "start_ns", "status", "tracer",
+        "user_id",
     )  # fmt: skip
 
     def __init__(
@@ -280,6 +273,8 @@ class Observation:
         self.bytes_sent = 0
         self.first_byte_ns = 0
         self.disconnected = False
+        self.linked: SpanContext | None = None
+        self.claimed = False
         self.ended = False
         self.start_ns = time.time_ns()
         self.end_ns = 0
@@ -350,7 +345,7 @@ class Observation:
             if exc is not None:
                 # Format now and let go of the traceback: it keeps the request's frames alive.
                 self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
-                self.error_event = _exception_attributes(exc)
+                self.error_event = exception_attributes(exc)
                 self.exception = None
             self.info.raw = None
             self.rt.emit(self)
@@ -414,8 +409,12 @@ class Observation:
             # non-empty trace name, so a downstream service would otherwise rename it.
             attrs[A_TRACE_NAME] = name
             attrs[A_APP_ROOT] = True
-        elif not _claimed_by_upstream(info.headers, f"{self.span_context.trace_id:032x}"):
+        elif not self.claimed:
             attrs[A_APP_ROOT] = True
+        if self.linked is not None:
+            # trust_incoming="link": a new trace that says where the request came from.
+            attrs[A_META + "linkedTraceId"] = f'"{self.linked.trace_id:032x}"'
+            attrs[A_META + "linkedObservationId"] = f'"{self.linked.span_id:016x}"'
 
         level = message = None
         if self.error is not None:
@@ -435,58 +434,3 @@ class Observation:
         if level == "ERROR":
             return name, attrs, StatusCode.ERROR.value, message
         return name, attrs, StatusCode.UNSET.value, None
-
-    def encode_span(self) -> bytes:
-        """This observation as an OTLP ``Span`` message body."""
-        name, attrs, code, message = self.fields()
-        ctx, parent = self.span_context, self.parent
-        trace_state = ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())
-        head, flags = _encode.span_header(
-            ctx.trace_id,
-            ctx.span_id,
-            trace_state,
-            parent.span_id if parent is not None else None,
-            parent is not None,
-            name,
-            SpanKind.SERVER.value,
-            self.start_ns,
-            self.end_ns,
-        )
-        body = [head, _encode.attributes(b"\x4a", attrs.items())]
-        if self.error_event is not None:
-            event = _encode.event("exception", self.end_ns, self.error_event)
-            body.append(_encode.field(b"\x5a", event))
-        body.append(_encode.status(code, message))
-        body.append(flags)
-        return b"".join(body)
-
-    def to_readable_span(self) -> ReadableSpan:
-        """This observation as an OpenTelemetry SDK span (what the langfuse SDK would export)."""
-        name, attrs, code, message = self.fields()
-        events: tuple[Event, ...] = ()
-        if self.error_event is not None:
-            events = (Event("exception", self.error_event, self.end_ns),)
-        return ReadableSpan(
-            name=name,
-            context=self.span_context,
-            parent=self.parent,
-            resource=self.resource,
-            attributes=attrs,
-            events=events,
-            kind=SpanKind.SERVER,
-            instrumentation_scope=self.scope,
-            status=Status(StatusCode(code), message),
-            start_time=self.start_ns,
-            end_time=self.end_ns,
-        )
-
-
-def _exception_attributes(exc: BaseException) -> dict[str, str]:
-    # Langfuse ignores exception events, but other OTLP consumers read them.
-    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {
-        "exception.type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "exception.message": _truncate(str(exc), MAX_MESSAGE),
-        "exception.stacktrace": _truncate(stack, MAX_STACKTRACE),
-        "exception.escaped": "True",
-    }

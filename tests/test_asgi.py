@@ -262,7 +262,7 @@ async def test_bad_header_values_never_change_the_response_or_reach_a_span(
     for span in langfuse_capture.spans():
         assert span["user_id"] is None and span["session_id"] is None
         assert "userId" not in span["metadata"]
-    if value.strip():
+    if len(value.strip()) >= 4:  # shorter byte strings occur by chance in binary protobuf
         assert value not in b"".join(langfuse_capture.sender.requests)
     assert health()["rejected_inputs"]
 
@@ -313,8 +313,8 @@ async def test_upstream_langfuse_claim_in_baggage_keeps_app_root_upstream(
     )
     root = langfuse_capture.single(name="GET /health")
     assert "langfuse.internal.is_app_root" not in root["attributes"]
-    # Baggage is not a source of identity here (the trust policy decides that).
-    assert root["user_id"] is None
+    # trust_incoming="continue" (the default): baggage counts as much as x-user-id.
+    assert root["user_id"] == "admin"
 
 
 @pytest.mark.parametrize("value", BAD_TRACEPARENTS, ids=range(len(BAD_TRACEPARENTS)))

@@ -1,0 +1,96 @@
+"""What the request's observation and outbound calls share: being exported as OTLP spans."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, ClassVar
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+
+from . import _encode
+from .headers import truncate
+
+__all__ = ["SpanRecord", "exception_attributes"]
+
+MAX_MESSAGE = 1024
+MAX_STACKTRACE = 8192
+
+
+class SpanRecord:
+    """A finished observation that the export thread encodes without an SDK span.
+
+    Subclasses set the slots below and implement ``fields()`` (name, attributes, OTel status
+    code and message); attribute building then happens on the export thread, not the
+    request's.
+    """
+
+    __slots__ = ()
+    KIND: ClassVar[SpanKind] = SpanKind.INTERNAL
+
+    span_context: SpanContext
+    parent: SpanContext | None
+    start_ns: int
+    end_ns: int
+    error_event: dict[str, str] | None
+    resource: Resource
+    scope: InstrumentationScope
+
+    def fields(self) -> tuple[str, dict[str, Any], int, str | None]:
+        raise NotImplementedError
+
+    def encode_span(self) -> bytes:
+        """This record as an OTLP ``Span`` message body."""
+        name, attrs, code, message = self.fields()
+        ctx, parent = self.span_context, self.parent
+        head, flags = _encode.span_header(
+            ctx.trace_id,
+            ctx.span_id,
+            ",".join(f"{k}={v}" for k, v in ctx.trace_state.items()),
+            parent.span_id if parent is not None else None,
+            parent is not None and parent.is_remote,
+            name,
+            self.KIND.value,
+            self.start_ns,
+            self.end_ns,
+        )
+        body = [head, _encode.attributes(b"\x4a", attrs.items())]
+        if self.error_event is not None:
+            event = _encode.event("exception", self.end_ns, self.error_event)
+            body.append(_encode.field(b"\x5a", event))
+        body.append(_encode.status(code, message))
+        body.append(flags)
+        return b"".join(body)
+
+    def to_readable_span(self) -> ReadableSpan:
+        """This record as an OpenTelemetry SDK span (what the langfuse SDK would export)."""
+        name, attrs, code, message = self.fields()
+        events: tuple[Event, ...] = ()
+        if self.error_event is not None:
+            events = (Event("exception", self.error_event, self.end_ns),)
+        return ReadableSpan(
+            name=name,
+            context=self.span_context,
+            parent=self.parent,
+            resource=self.resource,
+            attributes=attrs,
+            events=events,
+            kind=self.KIND,
+            instrumentation_scope=self.scope,
+            status=Status(StatusCode(code), message),
+            start_time=self.start_ns,
+            end_time=self.end_ns,
+        )
+
+
+def exception_attributes(exc: BaseException) -> dict[str, str]:
+    """The OTel ``exception`` event's attributes (Langfuse ignores it; other consumers read it)."""
+    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {
+        "exception.type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "exception.message": truncate(str(exc), MAX_MESSAGE),
+        "exception.stacktrace": truncate(stack, MAX_STACKTRACE),
+        "exception.escaped": "True",
+    }

@@ -1,0 +1,149 @@
+"""Incoming W3C trace context and baggage, read through OpenTelemetry's propagators.
+
+Parsing is the propagators' job; this module adds what the W3C specs require and they do not
+enforce (a repeated ``traceparent`` is invalid; baggage over 8192 bytes or 180 members is
+ignored whole rather than truncated), keeps header content out of the logs, and applies the
+trust policy: ``continue``, ``link`` or ``ignore``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import trace as otel_trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanContext
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import _failsafe
+
+__all__ = ["Incoming", "TrustPolicy", "read_incoming"]
+
+MAX_TRACEPARENT = 512
+MAX_BAGGAGE_BYTES = 8192
+MAX_BAGGAGE_MEMBERS = 180
+LANGFUSE_PREFIX = "langfuse_"
+TRACE_ID_CLAIM = "langfuse_trace_id"
+
+_tracecontext = TraceContextTextMapPropagator()
+_baggage = W3CBaggagePropagator()
+_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("langfuse_mw_quiet", default=False)
+
+
+class _QuietWhileReading(logging.Filter):
+    # OpenTelemetry's baggage propagator logs rejected entries verbatim; header content from the
+    # internet must not reach the logs, so its records are dropped while we parse (and only
+    # then: other users of the propagator keep their warnings).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _quiet.get()
+
+
+logging.getLogger("opentelemetry.baggage.propagation").addFilter(_QuietWhileReading())
+
+
+@dataclass(slots=True)
+class Incoming:
+    """What the caller sent that we accepted."""
+
+    parent: SpanContext | None = None  # "continue": the remote parent span
+    linked: SpanContext | None = None  # "link": the caller's span, recorded but not joined
+    baggage: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def user_id(self) -> str | None:
+        return self.baggage.get("langfuse_user_id")
+
+    @property
+    def session_id(self) -> str | None:
+        return self.baggage.get("langfuse_session_id")
+
+    def claims(self, trace_id: int) -> bool:
+        """True when the caller's langfuse SDK says it exports this trace's root."""
+        claim = self.baggage.get(TRACE_ID_CLAIM)
+        return claim is not None and claim.lower() == f"{trace_id:032x}"
+
+    def forwardable(self) -> dict[str, str]:
+        """Entries to pass on downstream: everything but langfuse's own, which we set."""
+        return {k: v for k, v in self.baggage.items() if not k.startswith(LANGFUSE_PREFIX)}
+
+
+NOTHING = Incoming()
+
+
+class TrustPolicy:
+    """``continue`` / ``link`` / ``ignore``, optionally only for peers in trusted networks."""
+
+    def __init__(self, mode: str, networks: Sequence[str] = ()) -> None:
+        self.mode = mode
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+    def peer_trusted(self, client_ip: str | None) -> bool:
+        """True without trusted networks, else only for peers inside one of them.
+
+        Applies to trace context, baggage and identity headers alike: all are assertions
+        a client can forge.
+        """
+        if not self.networks:
+            return True
+        try:
+            address = ipaddress.ip_address(client_ip or "")
+        except ValueError:
+            return False
+        return any(address in net for net in self.networks)
+
+    def mode_for(self, client_ip: str | None) -> str:
+        """The mode for one peer: ``ignore`` for peers outside the trusted networks."""
+        return self.mode if self.peer_trusted(client_ip) else "ignore"
+
+
+def read_incoming(headers: Mapping[str, str], mode: str) -> Incoming:
+    """Parse ``traceparent``/``tracestate``/``baggage`` under ``mode``; never raises."""
+    if mode == "ignore" or ("traceparent" not in headers and "baggage" not in headers):
+        return NOTHING
+    parent = _parent(headers)
+    entries = _baggage_entries(headers.get("baggage")) if mode == "continue" else {}
+    if mode == "link":
+        return Incoming(linked=parent)
+    return Incoming(parent=parent, baggage=entries)
+
+
+def _parent(headers: Mapping[str, str]) -> SpanContext | None:
+    traceparent = headers.get("traceparent")
+    if traceparent is None:
+        return None
+    # Adapters join a repeated header with ","; W3C Trace Context makes that invalid.
+    if len(traceparent) > MAX_TRACEPARENT or "," in traceparent:
+        _failsafe.reject("traceparent")
+        return None
+    carrier = {"traceparent": traceparent}
+    tracestate = headers.get("tracestate")
+    if tracestate is not None:
+        carrier["tracestate"] = tracestate
+    parent = otel_trace.get_current_span(_tracecontext.extract(carrier, Context()))
+    span_context = parent.get_span_context()
+    if not span_context.is_valid:
+        _failsafe.reject("traceparent")
+        return None
+    return span_context
+
+
+def _baggage_entries(raw: str | None) -> dict[str, str]:
+    if not raw:
+        return {}
+    if len(raw.encode("latin-1", "replace")) > MAX_BAGGAGE_BYTES or raw.count(",") >= (
+        MAX_BAGGAGE_MEMBERS
+    ):
+        _failsafe.reject("baggage")
+        return {}
+    token = _quiet.set(True)
+    try:
+        entries = otel_baggage.get_all(_baggage.extract({"baggage": raw}, Context()))
+    finally:
+        _quiet.reset(token)
+    return {str(k): str(v) for k, v in entries.items()}
