@@ -1,0 +1,209 @@
+"""Outbound tracing for httpx: ``TracedClient``, ``AsyncTracedClient`` and wrapping transports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+try:
+    import httpx
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    raise ImportError(
+        'langfuse_mw.httpx needs httpx: pip install "langfuse-mw[httpx]"'
+    ) from exc
+
+from . import runtime
+from ._failsafe import report
+from .config import resolve_settings
+from .headers import compile_redactor
+from .outbound import OutboundCall, Targets, begin_call
+
+__all__ = ["AsyncTracedClient", "AsyncTracingTransport", "TracedClient", "TracingTransport"]
+
+# Names of the headers we added to a request, kept in its extensions: httpx copies headers
+# and extensions into a redirect's request, and a hop to another host must be judged afresh.
+_INJECTED = "langfuse_mw.injected"
+
+
+class _Policy:
+    """What both transports share: the allow-list, the redactor, and per-request injection."""
+
+    def __init__(self, propagate_to: Sequence[str] | None, trace_outside_requests: bool) -> None:
+        options = {} if propagate_to is None else {"propagate_to": propagate_to}
+        settings = resolve_settings(options)
+        rt = runtime.current()
+        langfuse = (rt.settings if rt is not None else settings).base_url
+        self.targets = Targets(settings.propagate_to, langfuse)
+        self.redact = compile_redactor(settings.redact_query_keys)
+        self.trace_outside_requests = trace_outside_requests
+
+    def prepare(self, request: httpx.Request) -> OutboundCall | None:
+        try:
+            for name in request.extensions.get(_INJECTED, ()):
+                request.headers.pop(name, None)
+            present = {name.lower() for name in request.headers}
+            call, headers = begin_call(
+                request.method,
+                str(request.url),
+                present,
+                self.targets,
+                redact=self.redact,
+                trace_outside_requests=self.trace_outside_requests,
+            )
+            request.headers.update(headers)
+            request.extensions = {**request.extensions, _INJECTED: tuple(headers)}
+            return call
+        except Exception as exc:
+            report("httpx.request", exc)
+            return None
+
+
+class TracingTransport(httpx.BaseTransport):
+    """Wrap any httpx transport: inject trace context and record each call as an observation."""
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        propagate_to: Sequence[str] | None = None,
+        trace_outside_requests: bool = False,
+    ) -> None:
+        self._transport = transport or httpx.HTTPTransport()
+        self._policy = _Policy(propagate_to, trace_outside_requests)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        call = self._policy.prepare(request)
+        if call is None:
+            return self._transport.handle_request(request)
+        try:
+            response = self._transport.handle_request(request)
+        except BaseException as exc:
+            call.finish(exc=exc if isinstance(exc, Exception) else None)
+            raise
+        if response.is_closed:  # a body already read in full (mock or cached responses)
+            call.finish(response.status_code)
+        else:
+            response.stream = _SyncStream(response.stream, call, response.status_code)
+        return response
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+class AsyncTracingTransport(httpx.AsyncBaseTransport):
+    """The async twin of ``TracingTransport``."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        propagate_to: Sequence[str] | None = None,
+        trace_outside_requests: bool = False,
+    ) -> None:
+        self._transport = transport or httpx.AsyncHTTPTransport()
+        self._policy = _Policy(propagate_to, trace_outside_requests)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        call = self._policy.prepare(request)
+        if call is None:
+            return await self._transport.handle_async_request(request)
+        try:
+            response = await self._transport.handle_async_request(request)
+        except BaseException as exc:
+            call.finish(exc=exc if isinstance(exc, Exception) else None)
+            raise
+        if response.is_closed:
+            call.finish(response.status_code)
+        else:
+            response.stream = _AsyncStream(response.stream, call, response.status_code)
+        return response
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+class _SyncStream(httpx.SyncByteStream):
+    # The call ends when its body was read and closed (streamed LLM answers included).
+    def __init__(self, stream: Any, call: OutboundCall, status: int) -> None:
+        self._stream, self._call, self._status = stream, call, status
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._stream
+        except Exception as exc:
+            self._call.finish(self._status, exc)
+            raise
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._call.finish(self._status)
+
+
+class _AsyncStream(httpx.AsyncByteStream):
+    def __init__(self, stream: Any, call: OutboundCall, status: int) -> None:
+        self._stream, self._call, self._status = stream, call, status
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except Exception as exc:
+            self._call.finish(self._status, exc)
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            self._call.finish(self._status)
+
+
+class TracedClient(httpx.Client):
+    """``httpx.Client`` whose calls carry trace context and are traced (all arguments accepted).
+
+    Extra keyword arguments: ``propagate_to`` (the ids allow-list, default ``["internal"]``)
+    and ``trace_outside_requests`` (trace calls made outside any request; default False).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        propagate_to: Sequence[str] | None = None,
+        trace_outside_requests: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        def wrap(transport: httpx.BaseTransport) -> TracingTransport:
+            return TracingTransport(
+                transport,
+                propagate_to=propagate_to,
+                trace_outside_requests=trace_outside_requests,
+            )
+
+        # Every transport the client may pick (default, mounts, proxies) gets wrapped.
+        self._transport = wrap(self._transport)
+        self._mounts = {p: None if t is None else wrap(t) for p, t in self._mounts.items()}
+
+
+class AsyncTracedClient(httpx.AsyncClient):
+    """``httpx.AsyncClient`` counterpart of ``TracedClient``."""
+
+    def __init__(
+        self,
+        *args: Any,
+        propagate_to: Sequence[str] | None = None,
+        trace_outside_requests: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        def wrap(transport: httpx.AsyncBaseTransport) -> AsyncTracingTransport:
+            return AsyncTracingTransport(
+                transport,
+                propagate_to=propagate_to,
+                trace_outside_requests=trace_outside_requests,
+            )
+
+        self._transport = wrap(self._transport)
+        self._mounts = {p: None if t is None else wrap(t) for p, t in self._mounts.items()}

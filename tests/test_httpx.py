@@ -1,0 +1,293 @@
+"""TracedClient / AsyncTracedClient and the wrapping transports, against httpx.MockTransport."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from langfuse_mw.config import resolve_settings
+from langfuse_mw.core import Observation, RequestInfo, RequestTracer
+from langfuse_mw.httpx import AsyncTracedClient, AsyncTracingTransport, TracedClient
+from langfuse_mw.testing import LangfuseCapture
+
+pytestmark = pytest.mark.anyio
+
+ID_HEADERS = ("baggage", "x-request-id")
+
+
+class Recorder:
+    """A MockTransport handler that records what was sent and answers as told."""
+
+    def __init__(self, status: int = 200, redirect_to: str | None = None) -> None:
+        self.requests: list[httpx.Request] = []
+        self.status = status
+        self.redirect_to = redirect_to
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.redirect_to and len(self.requests) == 1:
+            return httpx.Response(302, headers={"location": self.redirect_to})
+        return httpx.Response(self.status, text="ok")
+
+
+@contextlib.contextmanager
+def in_request(**headers: str) -> Iterator[Observation]:
+    tracer = RequestTracer(resolve_settings({}))
+    info = RequestInfo(
+        "GET", "/checkout", headers={k.replace("_", "-"): v for k, v in headers.items()}
+    )
+    obs = tracer.begin(info)
+    assert obs is not None
+    obs.set_route("/checkout")
+    try:
+        yield obs
+    finally:
+        obs.set_status(200)
+        obs.end()
+        obs.detach()
+
+
+def sync_get(url: str, recorder: Recorder, **options: Any) -> httpx.Response:
+    with TracedClient(transport=httpx.MockTransport(recorder), **options) as client:
+        return client.get(url)
+
+
+async def async_get(url: str, recorder: Recorder, **options: Any) -> httpx.Response:
+    async with AsyncTracedClient(transport=httpx.MockTransport(recorder), **options) as client:
+        return await client.get(url)
+
+
+@pytest.fixture(params=["sync", "async"])
+def get(request: pytest.FixtureRequest) -> Any:
+    async def call(url: str, recorder: Recorder, **options: Any) -> httpx.Response:
+        if request.param == "sync":
+            return sync_get(url, recorder, **options)
+        return await async_get(url, recorder, **options)
+
+    return call
+
+
+async def test_internal_target_gets_trace_context_and_ids(
+    langfuse_capture: LangfuseCapture, get: Any
+) -> None:
+    recorder = Recorder()
+    with in_request(x_user_id="u-1", x_session_id="s-1", x_request_id="req-1"):
+        await get("http://inventory:8000/stock/7?token=abc&page=2", recorder)
+    sent = recorder.requests[0].headers
+    call = langfuse_capture.single(name="GET inventory/stock/7")
+    root = langfuse_capture.single(name="GET /checkout")
+    assert call["parent_span_id"] == root["span_id"]
+    assert sent["traceparent"] == f"00-{root['trace_id']}-{call['span_id']}-01"
+    assert sent["x-request-id"] == "req-1"
+    entries = dict(item.split("=") for item in sent["baggage"].split(","))
+    assert entries == {
+        "langfuse_trace_id": root["trace_id"],
+        "langfuse_user_id": "u-1",
+        "langfuse_session_id": "s-1",
+    }
+    assert call["user_id"] == "u-1" and call["session_id"] == "s-1"
+    assert call["output"] == {"statusCode": 200}
+    assert call["input"] == {
+        "method": "GET",
+        "url": "http://inventory:8000/stock/7?token=[REDACTED]&page=2",
+    }
+    assert call["metadata"] == {"host": "inventory", "requestId": "req-1"}
+    assert call["kind"] == 3  # SPAN_KIND_CLIENT
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9000/x", "http://10.2.3.4/x", "http://orders.svc.cluster.local/x",
+     "http://billing.internal/x", "http://localhost:8080/x", "http://[::1]:81/x"],
+)  # fmt: skip
+async def test_the_default_allow_list_is_the_internal_network(
+    langfuse_capture: LangfuseCapture, url: str
+) -> None:
+    recorder = Recorder()
+    with in_request(x_user_id="u-1"):
+        sync_get(url, recorder)
+    assert "langfuse_user_id=u-1" in recorder.requests[0].headers["baggage"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://api.openai.com/v1/chat", "http://8.8.8.8/x", "http://billing.internal.evil.com/x"],
+)
+async def test_public_targets_get_trace_headers_only(
+    langfuse_capture: LangfuseCapture, get: Any, url: str
+) -> None:
+    recorder = Recorder()
+    with in_request(x_user_id="u-1", x_request_id="req-1"):
+        await get(url, recorder)
+    sent = recorder.requests[0].headers
+    assert "traceparent" in sent
+    assert not any(name in sent for name in ID_HEADERS)
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://api.internal/v1", True),
+        ("https://api.internal.evil.com/v1", False),
+        ("https://evil.com/?u=api.internal", False),
+        ("https://api.internal@evil.com/", False),
+        ("https://user@evil.com/", False),
+        ("https://api.internal:8443/v1", False),
+        ("http://api.internal/v1", False),
+    ],
+)
+async def test_allow_list_origins_are_matched_exactly(
+    langfuse_capture: LangfuseCapture, get: Any, url: str, allowed: bool
+) -> None:
+    recorder = Recorder()
+    with in_request(x_user_id="u-1", x_request_id="req-1"):
+        await get(url, recorder, propagate_to=["https://api.internal"])
+    sent = recorder.requests[0].headers
+    assert ("baggage" in sent) is allowed
+    assert ("x-request-id" in sent) is allowed
+
+
+async def test_a_redirect_off_the_list_loses_the_ids(
+    langfuse_capture: LangfuseCapture, get: Any
+) -> None:
+    recorder = Recorder(redirect_to="https://evil.com/landing")
+    transport = httpx.MockTransport(recorder)
+    with (
+        in_request(x_user_id="u-1", x_request_id="req-1"),
+        TracedClient(transport=transport, follow_redirects=True) as client,
+    ):
+        client.get("http://inventory/start")
+    first, second = (r.headers for r in recorder.requests)
+    assert "baggage" in first and "x-request-id" in first
+    assert "traceparent" in second
+    assert not any(name in second for name in ID_HEADERS)
+    assert first["traceparent"] != second["traceparent"]  # each hop is its own observation
+    assert len(langfuse_capture.spans(name="GET inventory/start")) == 1
+    assert len(langfuse_capture.spans(name="GET evil.com/landing")) == 1
+
+
+async def test_host_patterns_networks_and_regexes(langfuse_capture: LangfuseCapture) -> None:
+    options = {"propagate_to": ["*.corp.example", "192.168.0.0/16", r"re:https://x\.io/api/.*"]}
+    cases = {
+        "https://a.corp.example/": True,
+        "https://corp.example.evil/": False,
+        "http://192.168.4.4/": True,
+        "https://x.io/api/v1": True,
+        "https://x.io/other": False,
+        "http://inventory/": False,  # an explicit list replaces the internal default
+    }
+    for url, allowed in cases.items():
+        recorder = Recorder()
+        with in_request(x_user_id="u-1"):
+            sync_get(url, recorder, **options)
+        assert ("baggage" in recorder.requests[0].headers) is allowed, url
+
+
+async def test_headers_the_caller_set_are_never_overwritten(
+    langfuse_capture: LangfuseCapture, get: Any
+) -> None:
+    recorder = Recorder()
+    preset = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01", "baggage": "mine=1",
+              "x-request-id": "caller"}  # fmt: skip
+    transport = httpx.MockTransport(recorder)
+    with (
+        in_request(x_user_id="u-1", x_request_id="req-1"),
+        TracedClient(transport=transport, headers=preset) as client,
+    ):
+        client.get("http://inventory/x")
+    sent = recorder.requests[0].headers
+    assert {k: sent[k] for k in preset} == preset
+
+
+async def test_calls_to_langfuse_itself_are_left_alone(
+    langfuse_capture: LangfuseCapture, get: Any
+) -> None:
+    recorder = Recorder()
+    with in_request(x_user_id="u-1"):
+        # The capture runtime's base_url is http://127.0.0.1:9.
+        await get("http://127.0.0.1:9/api/public/traces", recorder)
+    sent = recorder.requests[0].headers
+    assert not any(name in sent for name in ("traceparent", *ID_HEADERS))
+    assert langfuse_capture.spans(name="GET 127.0.0.1/api/public/traces") == []
+
+
+async def test_errors_are_recorded_and_reraised_unchanged(
+    langfuse_capture: LangfuseCapture, get: Any
+) -> None:
+    failure = httpx.ConnectError("connection refused")
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise failure
+
+    transport = httpx.MockTransport(refuse)
+    with (
+        in_request(),
+        pytest.raises(httpx.ConnectError) as info,
+        TracedClient(transport=transport) as client,
+    ):
+        client.get("http://inventory/x")
+    assert info.value is failure
+    call = langfuse_capture.single(name="GET inventory/x")
+    assert call["level"] == "ERROR"
+    assert call["status_message"] == "ConnectError: connection refused"
+    assert call["output"] == {"statusCode": None}
+
+    with in_request():
+        await get("http://inventory/y", Recorder(status=503))
+    failed = langfuse_capture.single(name="GET inventory/y")
+    assert (failed["level"], failed["status_message"]) == ("ERROR", "HTTP 503")
+
+
+async def test_outside_a_request_nothing_is_started_unless_asked(
+    langfuse_capture: LangfuseCapture, get: Any
+) -> None:
+    recorder = Recorder()
+    await get("http://inventory/job", recorder)
+    assert "traceparent" not in recorder.requests[0].headers
+    assert langfuse_capture.spans() == []
+    await get("http://inventory/job", recorder, trace_outside_requests=True)
+    call = langfuse_capture.single(name="GET inventory/job")
+    assert call["parent_span_id"] is None
+    assert recorder.requests[1].headers["traceparent"].split("-")[1] == call["trace_id"]
+
+
+async def test_streamed_bodies_end_the_call_when_closed(langfuse_capture: LangfuseCapture) -> None:
+    def stream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=iter([b"a", b"b", b"c"]))
+
+    transport = httpx.MockTransport(stream)
+    with (
+        in_request(),
+        TracedClient(transport=transport) as client,
+        client.stream("GET", "http://llm.internal/v1/stream") as response,
+    ):
+        assert langfuse_capture.spans(name="GET llm.internal/v1/stream") == []
+        assert b"".join(response.iter_bytes()) == b"abc"
+    assert langfuse_capture.single(name="GET llm.internal/v1/stream")["output"] == {
+        "statusCode": 200
+    }
+
+
+async def test_wrapping_an_existing_clients_transport(langfuse_capture: LangfuseCapture) -> None:
+    recorder = Recorder()
+    transport = AsyncTracingTransport(httpx.MockTransport(recorder))
+    with in_request(x_user_id="u-2"):
+        async with httpx.AsyncClient(transport=transport) as client:
+            await client.get("http://inventory/z")
+    assert "langfuse_user_id=u-2" in recorder.requests[0].headers["baggage"]
+    assert langfuse_capture.single(name="GET inventory/z")["user_id"] == "u-2"
+
+
+async def test_mounted_transports_are_traced_too(langfuse_capture: LangfuseCapture) -> None:
+    default, mounted = Recorder(), Recorder()
+    mounts = {"http://special": httpx.MockTransport(mounted)}
+    with in_request(), TracedClient(transport=httpx.MockTransport(default), mounts=mounts) as c:
+        c.get("http://special/a")
+        c.get("http://other/b")
+    assert "traceparent" in mounted.requests[0].headers
+    assert "traceparent" in default.requests[0].headers
+    assert {s["name"] for s in langfuse_capture.spans()} >= {"GET special/a", "GET other/b"}
