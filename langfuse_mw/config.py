@@ -23,6 +23,33 @@ _ENVIRONMENT = re.compile(r"(?!langfuse)[a-z0-9_-]{1,40}")
 # HTTP field names are RFC 9110 tokens; we compare them lower-cased.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
+# Paths no preset traces: probes, metrics, API docs, static files.
+DEFAULT_EXCLUDE_PATHS = (
+    "/health(z|check)?", "/ready(z)?", "/live(z)?", "/ping", "/metrics",
+    "/docs(/.*)?", "/redoc", "/openapi.json", "/static/.*", "/favicon.ico",
+)  # fmt: skip
+
+# Environment presets (docs/environments.md). Selected by the `preset` option or
+# LANGFUSE_MW_ENV, else LANGFUSE_TRACING_ENVIRONMENT when it names one, else development.
+PRESETS: dict[str, dict[str, Any]] = {
+    "development": {
+        "flush_interval": 0.5, "max_batch_size": 128, "sample_rate": 1.0,
+        "exclude_paths": DEFAULT_EXCLUDE_PATHS, "log_level": "INFO",
+    },
+    "staging": {
+        "flush_interval": 1.0, "max_batch_size": 256, "sample_rate": 0.5,
+        "exclude_paths": DEFAULT_EXCLUDE_PATHS, "log_level": "INFO",
+    },
+    "production": {
+        "flush_interval": 2.0, "max_batch_size": 512, "sample_rate": 0.1,
+        "exclude_paths": DEFAULT_EXCLUDE_PATHS, "log_level": "WARNING",
+    },
+}  # fmt: skip
+_PRESET_ALIASES = {
+    "dev": "development", "local": "development", "test": "development",
+    "stage": "staging", "stg": "staging", "prod": "production",
+}  # fmt: skip
+
 DEFAULT_REDACT_QUERY_KEYS = (
     "token", "key", "secret", "password", "passwd", "pwd", "auth", "sig",
     "session", "code", "credential", "jwt",
@@ -38,6 +65,7 @@ class Settings:
     """Every option of langfuse_mw, resolved once at start-up (see docs/configuration.md)."""
 
     # Connection and runtime (one per process).
+    preset: str = "development"
     public_key: str | None = None
     secret_key: str | None = None
     base_url: str = "https://cloud.langfuse.com"
@@ -51,6 +79,8 @@ class Settings:
     shutdown_timeout: float = 2.0
     compression: Literal["gzip", "none"] = "gzip"
     tracer_provider: Any = None
+    max_queue_bytes: int = 64 * 1024 * 1024
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
     # Per request.
     request_id_header: str = "x-request-id"
@@ -68,6 +98,10 @@ class Settings:
     trust_incoming: Literal["continue", "link", "ignore"] = "continue"
     trusted_networks: tuple[str, ...] = ()
     propagate_to: tuple[str, ...] = ("internal",)
+    sample_rate: float = 1.0
+    sample_rules: tuple[tuple[str, float], ...] = ()
+    slow_threshold: float = 5.0
+    health_path: str | None = None
 
     # Where each value came from ("argument", "env:NAME", "default"); for `doctor` and logs.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -80,7 +114,7 @@ class Settings:
 RUNTIME_OPTIONS = (
     "public_key", "secret_key", "base_url", "environment", "release", "enabled",
     "flush_interval", "max_batch_size", "max_queue_size", "export_timeout",
-    "shutdown_timeout", "compression", "tracer_provider",
+    "shutdown_timeout", "compression", "tracer_provider", "max_queue_bytes", "log_level",
 )  # fmt: skip
 
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "sources")
@@ -96,6 +130,8 @@ _SDK_ENV = {
 
 
 def _env_names(name: str) -> tuple[str, ...]:
+    if name == "preset":
+        return ("LANGFUSE_MW_ENV",)
     return (f"LANGFUSE_MW_{name.upper()}", *_SDK_ENV.get(name, ()))
 
 
@@ -148,6 +184,31 @@ def _parse_optional_text(name: str, raw: Any) -> str | None:
     return raw.strip() or None
 
 
+def _parse_rules(raw: Any) -> tuple[tuple[str, float], ...]:
+    # {"/search/{q}": 0.01} or "/search/{q}=0.01,/checkout=1"
+    if isinstance(raw, str):
+        pairs = []
+        for item in _parse_list("sample_rules", raw):
+            route, sep, rate = item.rpartition("=")
+            if not sep:
+                raise ConfigError(f"sample_rules: expected route=rate, got {item!r}")
+            pairs.append((route.strip(), rate.strip()))
+    elif isinstance(raw, Mapping):
+        pairs = list(raw.items())
+    else:
+        raise ConfigError("sample_rules: expected a mapping of route template to rate")
+    rules = []
+    for route, rate in pairs:
+        value = _parse_number("sample_rules", rate, float, 0.0)
+        if not isinstance(route, str) or not route.startswith(("/", "re:")) or value > 1:
+            raise ConfigError(
+                f"sample_rules: expected a route template (or re:regex) and a rate in [0, 1], "
+                f"got {route!r}: {rate!r}"
+            )
+        rules.append((route, float(value)))
+    return tuple(rules)
+
+
 def _parse(name: str, raw: Any) -> Any:
     """Turn an argument or an env var string into the option's type, or raise ConfigError."""
     if name in ("public_key", "secret_key", "release"):
@@ -172,8 +233,35 @@ def _parse(name: str, raw: Any) -> Any:
         return _parse_bool(name, raw)
     if name in ("flush_interval", "export_timeout", "shutdown_timeout"):
         return float(_parse_number(name, raw, float, 0.01))
-    if name in ("max_batch_size", "max_queue_size"):
+    if name in ("max_batch_size", "max_queue_size", "max_queue_bytes"):
         return _parse_number(name, raw, int, 1)
+    if name == "preset":
+        preset = str(raw).strip().lower()
+        preset = _PRESET_ALIASES.get(preset, preset)
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"preset: expected one of {', '.join(PRESETS)} (or dev/stage/prod), got {raw!r}"
+            )
+        return preset
+    if name == "sample_rate":
+        rate = float(_parse_number(name, raw, float, 0.0))
+        if rate > 1.0:
+            raise ConfigError(f"sample_rate: expected a float between 0 and 1, got {raw!r}")
+        return rate
+    if name == "sample_rules":
+        return _parse_rules(raw)
+    if name == "slow_threshold":
+        return float(_parse_number(name, raw, float, 0.0))
+    if name == "health_path":
+        path = _parse_optional_text(name, raw)
+        if path is not None and not path.startswith("/"):
+            raise ConfigError(f"health_path: expected a path starting with '/', got {raw!r}")
+        return path
+    if name == "log_level":
+        level = str(raw).strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+        return level
     if name == "compression":
         value = str(raw).strip().lower()
         if value not in ("gzip", "none"):
@@ -235,6 +323,22 @@ def _parse(name: str, raw: Any) -> Any:
     raise AssertionError(name)  # pragma: no cover - every option is listed above
 
 
+def _select_preset(options: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[str, str]:
+    if "preset" in options:
+        return _parse("preset", options["preset"]), "argument"
+    raw = environ.get("LANGFUSE_MW_ENV", "").strip()
+    if raw:
+        try:
+            return _parse("preset", raw), "env:LANGFUSE_MW_ENV"
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (from $LANGFUSE_MW_ENV)") from None
+    tracing_env = environ.get("LANGFUSE_TRACING_ENVIRONMENT", "").strip().lower()
+    name = _PRESET_ALIASES.get(tracing_env, tracing_env)
+    if name in PRESETS:
+        return name, "env:LANGFUSE_TRACING_ENVIRONMENT"
+    return "development", "default"
+
+
 def resolve_settings(
     options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -255,7 +359,12 @@ def resolve_settings(
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    preset, preset_source = _select_preset(options, environ)
+    preset_values = PRESETS[preset]
+    values["preset"], sources["preset"] = preset, preset_source
     for name in _OPTION_NAMES:
+        if name == "preset":
+            continue
         if name in options:
             values[name] = _parse(name, options[name])
             sources[name] = "argument"
@@ -272,7 +381,15 @@ def resolve_settings(
                 sources[name] = f"env:{env_name}"
                 break
         else:
-            sources[name] = "default"
+            if name in preset_values:
+                values[name] = preset_values[name]
+                sources[name] = f"preset:{preset}"
+            elif name == "environment" and preset_source != "default":
+                # The environment a preset was chosen by is the one Langfuse shows.
+                values[name] = preset
+                sources[name] = f"preset:{preset}"
+            else:
+                sources[name] = "default"
     # The Langfuse SDK's switch turns us off too, so one variable disables all tracing.
     if "enabled" not in options and environ.get("LANGFUSE_TRACING_ENABLED", "").lower() == "false":
         values["enabled"] = False

@@ -34,6 +34,7 @@ from .context import _current as _request_var
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
 from .propagation import TrustPolicy, read_incoming
+from .sampling import Sampler
 
 __all__ = ["Observation", "RequestInfo", "RequestTracer"]
 
@@ -41,6 +42,7 @@ UNMATCHED = "<unmatched>"
 MAX_CUSTOM_ID = 1024
 
 _SAMPLED = otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)
+_NOT_SAMPLED = otel_trace.TraceFlags(otel_trace.TraceFlags.DEFAULT)
 _getrandbits = random.getrandbits
 
 # Attribute names Langfuse reads (shared/LANGFUSE_OTEL.md §6).
@@ -95,6 +97,8 @@ class RequestTracer:
         self._validate_request_id = settings.request_id_validator or is_valid_request_id
         self.request_id_header = settings.request_id_header
         self.trust = TrustPolicy(settings.trust_incoming, settings.trusted_networks)
+        self.sampler = Sampler(settings.sample_rate, settings.sample_rules)
+        self._slow_ns = int(settings.slow_threshold * 1e9)
         names = {
             settings.request_id_header,
             "traceparent",
@@ -155,7 +159,16 @@ class RequestTracer:
         else:
             trace_id = _getrandbits(128) or 1
             trace_state = None
-        span_context = SpanContext(trace_id, span_id, False, _SAMPLED, trace_state)
+        # Continued traces follow the caller's decision, so a trace is never half-recorded;
+        # a trace that starts here is sampled by its id, like OpenTelemetry's ratio sampler,
+        # so every service deciding by the same rate agrees.
+        if parent is not None:
+            sampled = parent.trace_flags.sampled
+        else:
+            sampled = self.sampler.keeps(trace_id, info.path)
+        span_context = SpanContext(
+            trace_id, span_id, False, _SAMPLED if sampled else _NOT_SAMPLED, trace_state
+        )
 
         # The request's OTel context, built in one go (each set_value copies the mapping):
         # the span children nest under; baggage to pass on (the caller's, minus langfuse's own
@@ -239,9 +252,9 @@ class Observation(SpanRecord):
     __slots__ = (
         "_otel_token", "_request_context", "_request_token", "bytes_sent", "claimed",
         "disconnected", "end_ns", "ended", "error", "error_event", "exception",
-        "first_byte_ns", "info", "linked", "otel_context", "parent", "request_id", "resource",
-        "route", "rt", "scope", "session_id", "span_context", "start_ns", "status", "tracer",
-        "user_id",
+        "first_byte_ns", "info", "kept_by", "linked", "otel_context", "parent", "request_id",
+        "resource", "route", "rt", "scope", "session_id", "span_context", "start_ns", "status",
+        "tracer", "user_id",
     )  # fmt: skip
 
     def __init__(
@@ -274,6 +287,7 @@ class Observation(SpanRecord):
         self.first_byte_ns = 0
         self.disconnected = False
         self.linked: SpanContext | None = None
+        self.kept_by: str | None = None
         self.claimed = False
         self.ended = False
         self.start_ns = time.time_ns()
@@ -348,9 +362,23 @@ class Observation(SpanRecord):
                 self.error_event = exception_attributes(exc)
                 self.exception = None
             self.info.raw = None
+            if not self.span_context.trace_flags.sampled:
+                # Not sampled: exported anyway when it failed or was slow (its children were
+                # not recorded, but the request itself is never invisible).
+                self.kept_by = self._kept_by()
+                if self.kept_by is None:
+                    return
             self.rt.emit(self)
         except Exception as exc:
             _failsafe.report("end", exc)
+
+    def _kept_by(self) -> str | None:
+        if self.error is not None or (self.status is not None and self.status >= 500):
+            return "error"
+        slow = self.tracer._slow_ns
+        if slow and self.end_ns - self.start_ns >= slow:
+            return "slow"
+        return None
 
     def detach(self) -> None:
         """Restore the context that was current before ``begin`` (call where begin ran)."""
@@ -427,6 +455,9 @@ class Observation(SpanRecord):
             level, message = "WARNING", "client disconnected before the response completed"
         if self.disconnected:
             attrs[A_META + "disconnected"] = "true"
+        if self.kept_by is not None:
+            # Sampled out, exported because it failed or was slow.
+            attrs[A_META + "keptBy"] = f'"{self.kept_by}"'
         if level is not None and level != "DEFAULT":
             attrs[A_LEVEL] = level
         if message is not None:

@@ -170,7 +170,8 @@ class OutboundCall(SpanRecord):
             if exc is not None:
                 self.error = truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
                 self.error_event = exception_attributes(exc)
-            self.rt.emit(self)
+            if self.span_context.trace_flags.sampled:  # a sampled-out request's calls are not
+                self.rt.emit(self)
         except Exception as error:
             _failsafe.report("outbound.end", error)
 

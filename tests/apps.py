@@ -104,6 +104,7 @@ ROUTES: list[Any] = [
     Route("/thread", thread),
     Route("/own-request-id", own_request_id),
     Route("/health", health),
+    Route("/hello", health),
     Route("/items-only-post", health, methods=["POST"]),
     WebSocketRoute("/ws", ws),
     Mount(

@@ -39,7 +39,7 @@ class Server:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, path: str = "/health", timeout: float = 30.0) -> None:
+    def wait_ready(self, path: str = "/hello", timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

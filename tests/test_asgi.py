@@ -117,8 +117,8 @@ async def test_identity_callables_replace_headers(
 async def test_client_ip_only_when_enabled(
     langfuse_capture: LangfuseCapture, make_client: ClientFactory
 ) -> None:
-    await make_client(traced_app("starlette", capture_client_ip=True)).get("/health")
-    assert langfuse_capture.single(name="GET /health")["metadata"]["clientIp"] == "127.0.0.1"
+    await make_client(traced_app("starlette", capture_client_ip=True)).get("/hello")
+    assert langfuse_capture.single(name="GET /hello")["metadata"]["clientIp"] == "127.0.0.1"
 
 
 async def test_query_secrets_and_sensitive_headers_never_leave_the_process(
@@ -126,14 +126,14 @@ async def test_query_secrets_and_sensitive_headers_never_leave_the_process(
 ) -> None:
     client = make_client(traced_app("starlette"))
     await client.get(
-        "/health?token=SECRET-A&access_token=SECRET-B&code=SECRET-C&sig=SECRET-D&page=2",
+        "/hello?token=SECRET-A&access_token=SECRET-B&code=SECRET-C&sig=SECRET-D&page=2",
         headers={
             "authorization": "Bearer SECRET-E",
             "cookie": "sid=SECRET-F",
             "x-api-key": "SECRET-G",
         },
     )
-    root = langfuse_capture.single(name="GET /health")
+    root = langfuse_capture.single(name="GET /hello")
     assert root["input"]["query"] == (
         "token=[REDACTED]&access_token=[REDACTED]&code=[REDACTED]&sig=[REDACTED]&page=2"
     )
@@ -199,7 +199,7 @@ async def test_request_id_is_echoed_generated_or_left_to_the_app(
     langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str
 ) -> None:
     client = make_client(traced_app(framework))
-    generated = (await client.get("/health")).headers["x-request-id"]
+    generated = (await client.get("/hello")).headers["x-request-id"]
     assert len(generated) == 36 and generated[14] == "4"
     own = await client.get("/own-request-id", headers={"x-request-id": "incoming"})
     assert own.headers.get_list("x-request-id") == ["app-chosen"]
@@ -219,12 +219,12 @@ async def test_request_id_header_names_are_configurable(
         session_id_header="x-conversation",
     )
     response = await make_client(app).get(
-        "/health",
+        "/hello",
         headers={"x-correlation-id": "corr-1", "x-auth-user": "u9", "x-conversation": "c9"},
     )
     assert response.headers["x-correlation-id"] == "corr-1"
     assert "x-request-id" not in response.headers
-    root = langfuse_capture.single(name="GET /health")
+    root = langfuse_capture.single(name="GET /hello")
     assert (root["metadata"]["requestId"], root["user_id"], root["session_id"]) == (
         "corr-1",
         "u9",
@@ -237,10 +237,10 @@ async def test_custom_request_id_validator(
 ) -> None:
     app = traced_app("starlette", request_id_validator=lambda value: value.startswith("req-"))
     client = make_client(app)
-    assert (await client.get("/health", headers={"x-request-id": "req-1"})).headers[
+    assert (await client.get("/hello", headers={"x-request-id": "req-1"})).headers[
         "x-request-id"
     ] == "req-1"
-    replaced = (await client.get("/health", headers={"x-request-id": "other"})).headers
+    replaced = (await client.get("/hello", headers={"x-request-id": "other"})).headers
     assert replaced["x-request-id"] != "other"
 
 
@@ -273,10 +273,10 @@ async def test_duplicated_headers_are_joined_not_trusted(
     traced = traced_app("starlette")
     await call(
         traced,
-        "/health",
+        "/hello",
         headers=[(b"traceparent", VALID_TRACEPARENT), (b"traceparent", VALID_TRACEPARENT)],
     )
-    root = langfuse_capture.single(name="GET /health")
+    root = langfuse_capture.single(name="GET /hello")
     # W3C: a repeated traceparent is invalid, so the request starts its own trace.
     assert root["trace_id"] != VALID_TRACE_ID
     assert root["parent_span_id"] is None
@@ -305,13 +305,13 @@ async def test_upstream_langfuse_claim_in_baggage_keeps_app_root_upstream(
 ) -> None:
     client = make_client(traced_app("starlette"))
     await client.get(
-        "/health",
+        "/hello",
         headers={
             "traceparent": VALID_TRACEPARENT.decode(),
             "baggage": f"langfuse_trace_id={VALID_TRACE_ID},langfuse_user_id=admin",
         },
     )
-    root = langfuse_capture.single(name="GET /health")
+    root = langfuse_capture.single(name="GET /hello")
     assert "langfuse.internal.is_app_root" not in root["attributes"]
     # trust_incoming="continue" (the default): baggage counts as much as x-user-id.
     assert root["user_id"] == "admin"
@@ -321,24 +321,28 @@ async def test_upstream_langfuse_claim_in_baggage_keeps_app_root_upstream(
 async def test_invalid_traceparent_starts_a_new_trace(
     langfuse_capture: LangfuseCapture, value: bytes
 ) -> None:
-    bare = await call(apps.starlette_app(), "/health", headers=[(b"traceparent", value)])
-    got = await call(traced_app("starlette"), "/health", headers=[(b"traceparent", value)])
+    bare = await call(apps.starlette_app(), "/hello", headers=[(b"traceparent", value)])
+    got = await call(traced_app("starlette"), "/hello", headers=[(b"traceparent", value)])
     assert (got.status, got.body) == (bare.status, bare.body)
-    root = langfuse_capture.single(name="GET /health")
+    root = langfuse_capture.single(name="GET /hello")
     assert root["parent_span_id"] is None
     assert root["trace_id"] not in ("0" * 32, VALID_TRACE_ID)
-    assert root["trace_name"] == "GET /health"
+    assert root["trace_name"] == "GET /hello"
 
 
 @pytest.mark.parametrize(
     ("options", "path", "method", "traced"),
     [
-        ({"exclude_paths": ["/health"]}, "/health", "GET", False),
-        ({"exclude_paths": ["/health"]}, "/health/deep", "GET", True),
+        ({"exclude_paths": ["/hello"]}, "/hello", "GET", False),
+        ({"exclude_paths": ["/hello"]}, "/hello/deep", "GET", True),
+        ({}, "/health", "GET", False),  # the presets' default exclusions
+        ({}, "/metrics", "GET", False),
+        ({}, "/static/app.css", "GET", False),
+        ({"exclude_paths": []}, "/health", "GET", True),
         ({"exclude_paths": ["/api/.*"]}, "/api/users", "GET", False),
-        ({}, "/health", "OPTIONS", False),
-        ({"exclude_methods": []}, "/health", "OPTIONS", True),
-        ({"exclude_methods": ["get"]}, "/health", "GET", False),
+        ({}, "/hello", "OPTIONS", False),
+        ({"exclude_methods": []}, "/hello", "OPTIONS", True),
+        ({"exclude_methods": ["get"]}, "/hello", "GET", False),
     ],
 )
 async def test_excluded_requests_create_no_span_and_pass_through(
@@ -463,12 +467,12 @@ async def test_lifespan_shutdown_exports_the_queue_and_stops(framework: str) -> 
         app = traced_app(framework)
 
         async def one_request() -> None:
-            await call(app, "/health")
+            await call(app, "/hello")
             assert capture.sender.spans == []
 
         replies = await lifespan(app, one_request)
         assert replies == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-        assert [s["name"] for s in capture.sender.spans] == ["GET /health"]
+        assert [s["name"] for s in capture.sender.spans] == ["GET /hello"]
         assert langfuse_mw.runtime.current() is None  # nothing left for the exit hook
 
 

@@ -114,9 +114,9 @@ async def test_oversized_or_overfull_baggage_is_ignored_quietly(
     bad_entries = b"langfuse_user_id=admin,\xff=\xfe,=novalue,lone"
     with caplog.at_level(logging.DEBUG):
         for value in (huge, many):
-            await call(traced_app("starlette"), "/health", headers=[(b"baggage", value)])
-        await call(traced_app("starlette"), "/health", headers=[(b"baggage", bad_entries)])
-    roots = langfuse_capture.spans(name="GET /health")
+            await call(traced_app("starlette"), "/hello", headers=[(b"baggage", value)])
+        await call(traced_app("starlette"), "/hello", headers=[(b"baggage", bad_entries)])
+    roots = langfuse_capture.spans(name="GET /hello")
     assert [r["user_id"] for r in roots] == [None, None, "admin"]
     assert health()["rejected_inputs"]["baggage"] == 2
     # No header content in any log line, and one line per cause at most.
@@ -135,8 +135,8 @@ async def test_oversized_headers_from_case_24_are_ignored(
     ]
     with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
         for _ in range(5):
-            await call(traced_app("starlette"), "/health", headers=headers)
-    for root in langfuse_capture.spans(name="GET /health"):
+            await call(traced_app("starlette"), "/hello", headers=headers)
+    for root in langfuse_capture.spans(name="GET /hello"):
         assert root["parent_span_id"] is None and root["user_id"] is None
     messages = [r.getMessage() for r in caplog.records]
     assert sorted(messages) == sorted(

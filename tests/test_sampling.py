@@ -1,0 +1,117 @@
+"""Sampling: rate by trace id, per-route rules, parent-based; errors and slow requests kept."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+
+from langfuse_mw.sampling import Sampler, template_regex
+from langfuse_mw.testing import capture_langfuse
+from tests.asgi_driver import call
+from tests.conftest import traced_app
+
+pytestmark = pytest.mark.anyio
+
+
+def test_decisions_match_opentelemetry_so_services_agree() -> None:
+    rng = random.Random(7)
+    for rate in (0.0, 0.01, 0.1, 0.5, 0.9, 1.0):
+        ours, theirs = Sampler(rate), TraceIdRatioBased(rate)
+        for _ in range(2000):
+            trace_id = rng.getrandbits(128)
+            expected = theirs.should_sample(None, trace_id, "x").decision
+            assert ours.keeps(trace_id, "/") is (expected is Decision.RECORD_AND_SAMPLE)
+
+
+@pytest.mark.parametrize(
+    ("template", "path", "matches"),
+    [
+        ("/items/{item_id}", "/items/42", True),
+        ("/items/{item_id:int}", "/items/42/extra", False),
+        ("/files/{rest:path}", "/files/a/b/c", True),
+        ("/inventory/<int:item_id>", "/inventory/7", True),
+        ("price/<int:item_id>", "price/7", True),
+        ("/a.b", "/aXb", False),
+    ],
+)
+def test_route_templates_of_every_framework_become_path_patterns(
+    template: str, path: str, matches: bool
+) -> None:
+    import re
+
+    assert (re.fullmatch(template_regex(template), path) is not None) is matches
+
+
+async def test_rate_keeps_its_share_and_errors_are_always_kept() -> None:
+    with capture_langfuse() as capture:
+        app = traced_app("starlette", sample_rate=0.1)
+        for _ in range(2000):
+            await call(app, "/hello")
+        for _ in range(20):
+            await call(app, "/boom")
+            await call(app, "/status/503")
+        kept = capture.spans(name="GET /hello")
+        assert 0.07 <= len(kept) / 2000 <= 0.13
+        assert all("keptBy" not in s["metadata"] for s in kept)
+        errors = capture.spans(name="GET /boom") + capture.spans(name="GET /status/{code:int}")
+        assert len(errors) == 40  # every one of them, sampled or not
+        for span in errors:
+            assert span["level"] == "ERROR"
+            assert span["metadata"].get("keptBy") in (None, "error")
+
+
+async def test_sampled_out_requests_export_nothing_of_their_children() -> None:
+    with capture_langfuse() as capture:
+        app = traced_app("starlette", sample_rate=0.0)
+        result = await call(app, "/items/1", headers=[(b"x-user-id", b"u")])
+        assert result.status == 200 and result.header(b"x-request-id")
+        assert capture.spans() == []
+
+
+async def test_per_route_rules_and_slow_requests() -> None:
+    with capture_langfuse() as capture:
+        app = traced_app(
+            "starlette",
+            sample_rate=0.0,
+            sample_rules={"/items/{item_id}": 1.0},
+            slow_threshold=0.1,
+        )
+        await call(app, "/items/5")
+        await call(app, "/hello")
+        await call(app, "/stream", query=b"delay=0.05")  # three chunks: ~150 ms
+        assert [s["name"] for s in capture.spans(name="GET /items/{item_id}")] == [
+            "GET /items/{item_id}"
+        ]
+        assert capture.spans(name="GET /hello") == []
+        assert capture.single(name="GET /stream")["metadata"]["keptBy"] == "slow"
+
+
+@pytest.mark.parametrize(("flags", "kept"), [(b"01", True), (b"00", False)])
+async def test_continued_traces_follow_the_callers_decision(flags: bytes, kept: bool) -> None:
+    traceparent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-" + flags
+    with capture_langfuse() as capture:
+        # The rate would say the opposite: the caller's flag wins.
+        app = traced_app("starlette", sample_rate=0.0 if kept else 1.0)
+        await call(app, "/items/1", headers=[(b"traceparent", traceparent)])
+        await call(app, "/boom", headers=[(b"traceparent", traceparent)])
+        assert (len(capture.spans(name="GET /items/{item_id}")) == 1) is kept
+        # A flag 00 from a caller cannot hide a failing request.
+        assert len(capture.spans(name="GET /boom")) == 1
+
+
+async def test_a_public_edge_ignores_crafted_trace_ids_and_flags() -> None:
+    crafted = [
+        (b"traceparent", b"00-00000000000000000000000000000001-00f067aa0ba902b7-01"),
+    ]
+    with capture_langfuse() as capture:
+        app = traced_app("starlette", trust_incoming="ignore", sample_rate=0.2)
+        for n in range(5000):
+            flags = b"01" if n % 2 else b"00"
+            headers = [(crafted[0][0], crafted[0][1][:-2] + flags)]
+            await call(app, "/hello", headers=headers)
+        kept = capture.spans(name="GET /hello")
+        assert 0.18 <= len(kept) / 5000 <= 0.22
+        assert len({s["trace_id"] for s in kept}) == len(kept)
+        assert all(s["parent_span_id"] is None for s in kept)
