@@ -14,6 +14,7 @@ from .context import (
 )
 from .core import RequestInfo
 from .runtime import flush, health, init, shutdown
+from .safe import safe_trace
 
 __all__ = [
     "ConfigError",
@@ -28,6 +29,7 @@ __all__ = [
     "health",
     "init",
     "run_with_context",
+    "safe_trace",
     "shutdown",
     "submit_with_context",
 ]

@@ -32,6 +32,9 @@ class LangfuseMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            if scope["path"] == self.settings.health_path:
+                await self._health(send)
+                return
             if self.tracer.is_excluded(scope["method"], scope["path"]):
                 await self.app(scope, receive, send)
                 return
@@ -58,6 +61,14 @@ class LangfuseMiddleware:
         finally:
             exchange.close()
             obs.detach()
+
+    async def _health(self, send: Send) -> None:
+        # Readiness probes and dashboards: always 200 (tracing trouble must not take the app
+        # out of rotation); the JSON says what is wrong.
+        body = self.tracer.health_json()
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def _info(self, scope: Scope, kind: str) -> RequestInfo:
         wanted = self.tracer.header_names_bytes

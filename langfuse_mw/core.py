@@ -12,6 +12,7 @@ attributes the langfuse SDK would have set. That keeps the request path to a few
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -112,6 +113,10 @@ class RequestTracer:
             names.add(settings.session_id_header)
         self.header_names = frozenset(names)
         self.header_names_bytes = frozenset(name.encode("latin-1") for name in names)
+
+    def health_json(self) -> bytes:
+        """The body of the opt-in health endpoint (``health_path``): ``health()`` as JSON."""
+        return json.dumps(runtime.health(), default=str, sort_keys=True).encode()
 
     def is_excluded(self, method: str, path: str) -> bool:
         """True when the request must not be traced at all (no span, next to no cost)."""

@@ -553,3 +553,17 @@ async def test_wrapped_plain_asgi_app(langfuse_capture: LangfuseCapture) -> None
     assert response.text == "hello"
     # No router, no template: never the raw path.
     assert langfuse_capture.single(name="GET <unmatched>")["input"]["path"] == "/anything/123"
+
+
+async def test_opt_in_health_endpoint(langfuse_capture: LangfuseCapture) -> None:
+    app = traced_app("starlette", health_path="/_langfuse/health")
+    await call(app, "/hello")
+    result = await call(app, "/_langfuse/health")
+    assert result.status == 200
+    body = json.loads(result.body)
+    assert body["enabled"] is True
+    assert body["created"] == body["exported"] + body["queued"] + sum(body["dropped"].values())
+    assert body["breaker"] == "closed"
+    langfuse_capture.spans()  # flush
+    assert [s["name"] for s in langfuse_capture.spans()] == ["GET /hello"]  # not traced itself
+    assert (await call(traced_app("starlette"), "/_langfuse/health")).status == 404

@@ -20,6 +20,7 @@ def test_public_names() -> None:
         "health",
         "init",
         "run_with_context",
+        "safe_trace",
         "shutdown",
         "submit_with_context",
     }
