@@ -37,6 +37,10 @@ class Exportable(Protocol):
 
     def encode_span(self) -> bytes: ...
 
+    def approx_size(self) -> int: ...
+
+    def is_error(self) -> bool: ...
+
 
 def varint(n: int) -> bytes:
     """Protobuf base-128 varint of a non-negative int."""
@@ -248,8 +252,15 @@ def _scope(scope: InstrumentationScope | None) -> bytes:
 
 
 def encode_request(items: Sequence[ReadableSpan | Exportable]) -> bytes:
-    """Encode spans and observations as one ``ExportTraceServiceRequest``, grouped like OTel."""
-    groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    """Encode spans and observations as one ``ExportTraceServiceRequest``, grouped like OTel.
+
+    Spans are grouped by equal resource, then equal scope, in order of first appearance, as
+    OpenTelemetry's encoder does; identity is tried first because comparing resources is
+    far slower than the handful of distinct objects a process has.
+    """
+    groups: list[tuple[Any, list[tuple[Any, list[bytes]]]]] = []
+    resource_at: dict[int, int] = {}
+    scope_at: dict[tuple[int, int], int] = {}
     for item in items:
         if isinstance(item, ReadableSpan):
             resource, scope = item.resource, item.instrumentation_scope
@@ -257,13 +268,20 @@ def encode_request(items: Sequence[ReadableSpan | Exportable]) -> bytes:
         else:
             resource, scope = item.resource, item.scope
             encoded = item.encode_span()
-        # By identity here (hashing a Resource serialises it); merged by value below.
-        by_scope = groups.setdefault(id(resource), (resource, {}))[1]
-        by_scope.setdefault(id(scope), (scope, []))[1].append(encoded)
+        r = resource_at.get(id(resource))
+        if r is None:
+            r = _index(groups, resource)
+            resource_at[id(resource)] = r
+        scopes = groups[r][1]
+        s = scope_at.get((r, id(scope)))
+        if s is None:
+            s = _index(scopes, scope)
+            scope_at[(r, id(scope))] = s
+        scopes[s][1].append(encoded)
     out = []
-    for resource, scopes in _merge_equal((r, list(s.values())) for r, s in groups.values()):
+    for resource, scopes in groups:
         scope_spans = []
-        for scope, spans in _merge_equal(scopes):
+        for scope, spans in scopes:
             body = _cached(scope, _scope) + b"".join(field(b"\x12", s) for s in spans)
             if scope is not None and scope.schema_url:
                 body += field(b"\x1a", scope.schema_url.encode())
@@ -275,15 +293,10 @@ def encode_request(items: Sequence[ReadableSpan | Exportable]) -> bytes:
     return b"".join(out)
 
 
-def _merge_equal(groups: Iterable[tuple[Any, list[Any]]]) -> list[tuple[Any, list[Any]]]:
-    # Equal resources (or scopes) that are distinct objects share one group, as in OTel's
-    # encoder; there are only a handful of groups, so pairwise comparison is cheap.
-    merged: list[tuple[Any, list[Any]]] = []
-    for key, members in groups:
-        for other, others in merged:
-            if other is key or other == key:
-                others.extend(members)  # spans, or (scope, spans) pairs for a resource
-                break
-        else:
-            merged.append((key, list(members)))
-    return merged
+def _index(groups: list[tuple[Any, list[Any]]], key: Any) -> int:
+    # The group holding an equal key, or a new one at the end.
+    for n, (other, _) in enumerate(groups):
+        if other is key or other == key:
+            return n
+    groups.append((key, []))
+    return len(groups) - 1

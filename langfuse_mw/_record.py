@@ -41,6 +41,15 @@ class SpanRecord:
     def fields(self) -> tuple[str, dict[str, Any], int, str | None]:
         raise NotImplementedError
 
+    def approx_size(self) -> int:
+        """Roughly the encoded size, for the export queue's byte bound."""
+        return 1024
+
+    def is_error(self) -> bool:
+        """Whether this records a failure (the queue keeps those first)."""
+        status = getattr(self, "status", None)
+        return getattr(self, "error", None) is not None or (status is not None and status >= 500)
+
     def encode_span(self) -> bytes:
         """This record as an OTLP ``Span`` message body."""
         name, attrs, code, message = self.fields()

@@ -377,6 +377,10 @@ class Observation(SpanRecord):
         except Exception as exc:
             _failsafe.report("end", exc)
 
+    def approx_size(self) -> int:
+        info = self.info
+        return 900 + len(info.path) + len(info.query) + len(info.headers.get("user-agent", ""))
+
     def _kept_by(self) -> str | None:
         if self.error is not None or (self.status is not None and self.status >= 500):
             return "error"

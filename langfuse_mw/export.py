@@ -26,6 +26,7 @@ import httpx
 from opentelemetry import context as otel_context
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import StatusCode
 
 from ._encode import Exportable, encode_request
 from ._failsafe import log_once
@@ -170,11 +171,13 @@ class ExportQueue:
         flush_interval: float = 1.0,
         export_timeout: float = 5.0,
         shutdown_timeout: float = 2.0,
+        max_queue_bytes: int = 64 * 1024 * 1024,
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
     ) -> None:
         self.sender = sender
         self.max_queue_size = max_queue_size
+        self.max_queue_bytes = max_queue_bytes
         self.max_batch_size = max_batch_size
         self.flush_interval = flush_interval
         self.export_timeout = export_timeout
@@ -198,7 +201,12 @@ class ExportQueue:
             os.register_at_fork(after_in_child=lambda: (m := weak()) and m())
 
     def _init_state(self) -> None:
-        self._queue: collections.deque[Item] = collections.deque()
+        # (span, approximate bytes). Failed requests' spans wait in their own queue: they are
+        # exported first and, when the queue is full, evict ordinary spans instead of being
+        # dropped themselves.
+        self._queue: collections.deque[tuple[Item, int]] = collections.deque()
+        self._errors: collections.deque[tuple[Item, int]] = collections.deque()
+        self._bytes = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Condition(threading.Lock())
@@ -229,24 +237,49 @@ class ExportQueue:
         if self._closed or self._fatal:
             self._drop("shutdown" if self._closed else "auth")
             return
+        size, error = _measure(span)
         with self._lock:
-            if len(self._queue) >= self.max_queue_size:
-                full = True
-            else:
-                full = False
-                self._queue.append(span)
-                size = len(self._queue)
             self.created += 1
+            while self._full(size) and error and self._queue:
+                self._bytes -= self._queue.popleft()[1]  # evict the oldest ordinary span
+                self.dropped["queue_full"] += 1
+            full = self._full(size)
             if full:
                 self.dropped["queue_full"] += 1
+            else:
+                (self._errors if error else self._queue).append((span, size))
+                self._bytes += size
+                queued = len(self._queue) + len(self._errors)
         if full:
             log_once(
                 "queue_full",
-                "langfuse_mw: export queue full (%d spans); dropping new spans until it drains",
+                "langfuse_mw: export queue full (%d spans or %d MiB); dropping new spans until "
+                "it drains",
                 self.max_queue_size,
+                self.max_queue_bytes // (1024 * 1024),
             )
-        elif size >= self.max_batch_size:
+        elif queued >= self.max_batch_size:
             self._wake.set()
+
+    def _full(self, size: int) -> bool:
+        return (
+            len(self._queue) + len(self._errors) >= self.max_queue_size
+            or self._bytes + size > self.max_queue_bytes
+        )
+
+    def _take(self, n: int) -> list[tuple[Item, int]]:
+        # Under the lock: up to n entries, failed requests' spans first.
+        taken: list[tuple[Item, int]] = []
+        for source in (self._errors, self._queue):
+            while source and len(taken) < n:
+                entry = source.popleft()
+                self._bytes -= entry[1]
+                taken.append(entry)
+        return taken
+
+    @property
+    def _queued(self) -> int:
+        return len(self._queue) + len(self._errors)
 
     def _drop(self, reason: str) -> None:
         with self._lock:
@@ -263,17 +296,16 @@ class ExportQueue:
         server_error_attempts = 0
         opened_at = 0.0
         last_still_failing = 0.0
-        batch: list[Item] = []
+        batch: list[tuple[Item, int]] = []
         while True:
             if not batch:
                 self._wake.wait(self.flush_interval)
                 self._wake.clear()
-                if self._stop and not self._queue:
+                if self._stop and not self._queued:
                     break
                 with self._lock:
-                    n = min(len(self._queue), self.max_batch_size)
-                    batch = [self._queue.popleft() for _ in range(n)]
-                    self._in_flight = n
+                    batch = self._take(self.max_batch_size)
+                    self._in_flight = len(batch)
                 if not batch:
                     self._notify_idle()
                     continue
@@ -311,6 +343,7 @@ class ExportQueue:
                 half = len(batch) // 2
                 with self._lock:
                     self._queue.extendleft(reversed(batch[half:]))
+                    self._bytes += sum(size for _, size in batch[half:])
                     self._in_flight = half
                 batch = batch[:half]
             elif outcome.retry and not give_up:
@@ -345,8 +378,7 @@ class ExportQueue:
                         outcome.error,
                     )
                     with self._lock:
-                        rest = len(self._queue)
-                        self._queue.clear()
+                        rest = self._clear()
                     self._drop_batch("auth", rest)
                 else:
                     log_once(
@@ -362,12 +394,20 @@ class ExportQueue:
         self._drop_batch("shutdown", len(batch))
         self._notify_idle()
 
-    def _send(self, batch: list[Item]) -> Outcome:
+    def _clear(self) -> int:
+        # Under the lock: empty both queues, returning how many spans they held.
+        n = self._queued
+        self._queue.clear()
+        self._errors.clear()
+        self._bytes = 0
+        return n
+
+    def _send(self, batch: list[tuple[Item, int]]) -> Outcome:
         timeout = self.export_timeout
         if self._stop:
             timeout = max(0.05, min(timeout, self._deadline - time.monotonic()))
         try:
-            return self.sender.send(batch, timeout)
+            return self.sender.send([item for item, _ in batch], timeout)
         except Exception as exc:  # a Sender must not raise; contain one that does
             return Outcome(drop_reason="sender_error", error=repr(exc))
 
@@ -410,7 +450,7 @@ class ExportQueue:
     def pending(self) -> int:
         """Spans queued or being sent."""
         with self._lock:
-            return len(self._queue) + self._in_flight
+            return self._queued + self._in_flight
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far was handled, or the deadline passes."""
@@ -436,8 +476,7 @@ class ExportQueue:
         self._wake.set()
         self._thread.join(max(0.0, self._deadline - time.monotonic()))
         with self._lock:
-            left = len(self._queue) + self._in_flight
-            self._queue.clear()
+            left = self._clear() + self._in_flight
             if left:
                 self.dropped["shutdown"] += left
             self._in_flight = 0
@@ -464,10 +503,23 @@ class ExportQueue:
                 "created": self.created,
                 "exported": self.exported,
                 "dropped": dict(self.dropped),
-                "queued": len(self._queue) + self._in_flight,
+                "queued": self._queued + self._in_flight,
+                "queued_bytes": self._bytes,
                 "failed_exports": self.failed_exports,
                 "last_error": self.last_error,
                 "last_error_at": self.last_error_at,
                 "last_success_at": self.last_success_at,
                 "breaker": "stopped" if self._fatal else self.breaker,
             }
+
+
+def _measure(span: Item) -> tuple[int, bool]:
+    """Approximate encoded size (for the byte bound) and whether it records a failure."""
+    if isinstance(span, ReadableSpan):
+        size = 256
+        for key, value in (span.attributes or {}).items():
+            size += len(key) + (len(value) if isinstance(value, str) else 16)
+        size += 256 * len(span.events)
+        level = (span.attributes or {}).get("langfuse.observation.level")
+        return size, level == "ERROR" or span.status.status_code is StatusCode.ERROR
+    return span.approx_size(), span.is_error()

@@ -130,6 +130,7 @@ class Runtime:
             flush_interval=settings.flush_interval,
             export_timeout=settings.export_timeout,
             shutdown_timeout=settings.shutdown_timeout,
+            max_queue_bytes=settings.max_queue_bytes,
         )
         # Route the SDK's spans (the handler's generations, @observe) through the same queue.
         for processor in provider._active_span_processor._span_processors:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanContext, TraceFlags
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 
 from langfuse_mw.export import ExportQueue, HttpSender, Outcome, parse_retry_after
 
@@ -66,11 +66,11 @@ def balanced(stats: dict[str, Any]) -> bool:
 
 
 def test_every_span_is_counted_under_concurrent_emitters() -> None:
-    sender = ScriptedSender(delay=0.002)
+    sender = ScriptedSender(delay=0.001)
     q = queue(sender, max_queue_size=500, max_batch_size=50)
 
     def emit_many() -> None:
-        for n in range(2000):
+        for n in range(1000):
             q.emit(span(n + 1))
 
     threads = [threading.Thread(target=emit_many) for _ in range(8)]
@@ -81,10 +81,10 @@ def test_every_span_is_counted_under_concurrent_emitters() -> None:
     assert balanced(q.stats())
     assert q.flush(10)
     stats = q.stats()
-    assert stats["created"] == 16_000
+    assert stats["created"] == 8000
     assert stats["queued"] == 0
     assert stats["exported"] == sender.sent
-    assert stats["exported"] + stats["dropped"].get("queue_full", 0) == 16_000
+    assert stats["exported"] + stats["dropped"].get("queue_full", 0) == 8000
     assert balanced(stats)
     q.shutdown(1)
 
@@ -100,7 +100,7 @@ def test_full_queue_drops_new_spans_counts_and_logs_once(caplog: Any) -> None:
     assert stats["dropped"] == {"queue_full": 100 - stats["queued"]}
     assert 10 <= stats["queued"] <= 15  # up to one batch in the sender's hands
     assert [r.getMessage() for r in caplog.records].count(
-        "langfuse_mw: export queue full (10 spans); dropping new spans until it drains"
+        "langfuse_mw: export queue full (10 spans or 64 MiB); dropping new spans until it drains"
     ) == 1
     sender.release.set()
     q.shutdown(1)
@@ -319,3 +319,47 @@ def test_http_status_classes(status: int, expected: Any) -> None:
     else:
         assert got.drop_reason == expected and not got.retry
         assert got.fatal is (expected == "auth")
+
+
+def error_span(n: int) -> ReadableSpan:
+    context = SpanContext(n, n, False, TraceFlags(TraceFlags.SAMPLED))
+    return ReadableSpan(
+        name=f"e{n}", context=context, start_time=1, end_time=2,
+        status=Status(StatusCode.ERROR, "boom"),
+    )  # fmt: skip
+
+
+def test_a_burst_of_ten_times_the_queue_keeps_errors_first_and_counts_exactly() -> None:
+    sender = ScriptedSender()
+    sender.release.clear()  # nothing leaves while the burst arrives
+    q = queue(sender, max_queue_size=100, max_batch_size=10, flush_interval=5)
+    for n in range(1000):
+        q.emit(error_span(n + 1) if n % 10 == 0 else span(n + 1))
+    stats = q.stats()
+    assert stats["created"] == 1000
+    assert balanced(stats)
+    sender.release.set()
+    assert q.flush(5)
+    sent = [name for batch in sender.batches for name in batch]
+    # All 100 error spans survived the overflow; ordinary spans made room for them.
+    assert sum(name.startswith("e") for name in sent) == 100
+    assert q.stats()["dropped"] == {"queue_full": 1000 - len(sent)}
+    assert balanced(q.stats())
+    q.shutdown(1)
+
+
+def test_the_queue_is_bounded_by_bytes_too() -> None:
+    sender = ScriptedSender()
+    sender.release.clear()
+    q = queue(sender, max_queue_size=10_000, max_queue_bytes=10 * 1024 * 1024, flush_interval=5)
+    big = "x" * (1024 * 1024)
+    for n in range(40):
+        context = SpanContext(n + 1, n + 1, False, TraceFlags(TraceFlags.SAMPLED))
+        q.emit(ReadableSpan(name="big", context=context, attributes={"input": big}))
+    stats = q.stats()
+    assert stats["queued"] <= 11  # ~10 MiB held, one more batch in the sender's hands
+    assert stats["queued_bytes"] <= 10 * 1024 * 1024
+    assert stats["dropped"]["queue_full"] >= 29
+    assert balanced(stats)
+    sender.release.set()
+    q.shutdown(1)
