@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import base64
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -206,15 +208,60 @@ def current() -> Runtime | None:
 def _install(runtime: Runtime) -> Runtime:
     global _runtime, _atexit_registered
     _runtime = runtime
+    settings = runtime.settings
+    if logger.level == logging.NOTSET:  # the preset's verbosity, unless you set one
+        logger.setLevel(settings.log_level)
     if runtime.disabled_reason is not None:
         logger.warning(
             "langfuse_mw: tracing is off (%s); requests are served untouched",
             runtime.disabled_reason,
         )
+    else:
+        logger.info(
+            "langfuse_mw: tracing to %s (preset %s, environment %s, sample rate %s)",
+            settings.base_url,
+            settings.preset,
+            settings.environment or "default",
+            settings.sample_rate,
+        )
+        _install_sigterm_handler()
     if not _atexit_registered:
         atexit.register(_shutdown_at_exit)
         _atexit_registered = True
     return runtime
+
+
+_sigterm_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    # A process with no SIGTERM handler dies at once on SIGTERM, without atexit: nothing
+    # queued would be exported. Only then do we step in — flush within the deadline, then let
+    # the default action kill the process as it would have. Servers that handle SIGTERM
+    # (uvicorn, gunicorn) are left alone: they shut down through lifespan or normal exit.
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # not the main interpreter, or no signals here
+        return
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    runtime = _runtime
+    if runtime is not None:
+        timeout = runtime.settings.shutdown_timeout
+        # In a thread: the signal may have interrupted this very thread inside one of our
+        # locks, and a shutdown waiting on it here would never return. The join is bounded.
+        worker = threading.Thread(target=shutdown, args=(timeout,), daemon=True)
+        worker.start()
+        worker.join(timeout + 0.5)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def get_runtime(settings: Settings) -> Runtime:

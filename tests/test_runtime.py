@@ -42,7 +42,7 @@ def test_init_builds_one_runtime_and_warns_on_conflicting_options(
     with caplog.at_level(logging.WARNING, logger="langfuse_mw"):
         assert langfuse_mw.init(public_key="pk-1", secret_key="sk-1", base_url=black_hole) is first
         assert langfuse_mw.init(public_key="pk-2", secret_key="sk-2", base_url=black_hole) is first
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         "langfuse_mw: init() called again with different connection options; keeping the "
         "runtime built first (call shutdown() before re-initialising)"
     ]
@@ -108,3 +108,38 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in frameworks))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+SIGTERM_SCRIPT = """
+import sys, time
+import langfuse_mw
+from langfuse import get_client
+langfuse_mw.init(public_key="pk-sig", secret_key="sk-sig", base_url=sys.argv[1],
+                 flush_interval=0.05, shutdown_timeout=1.0)
+client = get_client(public_key="pk-sig")
+for n in range(20):
+    with client.start_as_current_observation(name=f"job-{n}"):
+        pass
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigterm_without_a_handler_flushes_within_the_deadline_then_dies_as_usual(
+    black_hole: str,
+) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, black_hole],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    started = time.monotonic()
+    process.terminate()
+    _, err = process.communicate(timeout=10)
+    elapsed = time.monotonic() - started
+    assert process.returncode == -15  # the default action still ends the process
+    assert 0.9 <= elapsed <= 1.0 + 1.0, err
+    assert "20 spans were not exported" in err
