@@ -366,14 +366,19 @@ class Observation(SpanRecord):
                 self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
                 self.error_event = exception_attributes(exc)
                 self.exception = None
+            # Only what the export needs stays referenced while the span waits in the queue
+            # (fewer live objects for the garbage collector to walk).
             self.info.raw = None
+            self.otel_context = self._request_context = None
             if not self.span_context.trace_flags.sampled:
                 # Not sampled: exported anyway when it failed or was slow (its children were
                 # not recorded, but the request itself is never invisible).
                 self.kept_by = self._kept_by()
                 if self.kept_by is None:
                     return
-            self.rt.emit(self)
+            queue = self.rt.queue
+            if queue is not None:
+                queue.emit(self, self.approx_size(), self.is_error())
         except Exception as exc:
             _failsafe.report("end", exc)
 

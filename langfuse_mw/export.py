@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 from ._encode import Exportable, encode_request
-from ._failsafe import log_once
+from ._failsafe import log_once, report
 
 __all__ = ["ExportQueue", "HttpSender", "Item", "Outcome", "Sender"]
 
@@ -232,12 +232,24 @@ class ExportQueue:
 
     # -- request path ---------------------------------------------------------------------
 
-    def emit(self, span: Item) -> None:
-        """Queue a finished span; never blocks beyond a short lock, never raises."""
+    def emit(self, span: Item, size: int = 0, error: bool = False) -> None:
+        # Also called by the langfuse SDK's span processor when a handler's observation ends:
+        # an exception here would surface in application code, so none may escape.
+        try:
+            self._emit(span, size, error)
+        except Exception as exc:
+            report("export.emit", exc)
+
+    def _emit(self, span: Item, size: int, error: bool) -> None:
+        """Queue a finished span; never blocks beyond a short lock, never raises.
+
+        ``size`` and ``error`` may be given by a caller that knows them (else measured).
+        """
         if self._closed or self._fatal:
             self._drop("shutdown" if self._closed else "auth")
             return
-        size, error = _measure(span)
+        if not size:
+            size, error = _measure(span)
         with self._lock:
             self.created += 1
             while self._full(size) and error and self._queue:
@@ -258,8 +270,8 @@ class ExportQueue:
                 self.max_queue_size,
                 self.max_queue_bytes // (1024 * 1024),
             )
-        elif queued >= self.max_batch_size:
-            self._wake.set()
+        elif queued == self.max_batch_size:
+            self._wake.set()  # once, when a batch is complete: the thread drains the rest
 
     def _full(self, size: int) -> bool:
         return (
@@ -299,8 +311,11 @@ class ExportQueue:
         batch: list[tuple[Item, int]] = []
         while True:
             if not batch:
-                self._wake.wait(self.flush_interval)
-                self._wake.clear()
+                # A full batch goes out at once (a burst drains without pauses); otherwise
+                # wait for the interval, a full batch, or a flush.
+                if self._queued < self.max_batch_size and not self._stop:
+                    self._wake.wait(self.flush_interval)
+                    self._wake.clear()
                 if self._stop and not self._queued:
                     break
                 with self._lock:

@@ -494,7 +494,7 @@ async def test_tracing_failures_never_reach_the_request(
     def broken(*args: Any) -> None:
         raise RuntimeError("exporter exploded")
 
-    monkeypatch.setattr(langfuse_capture.runtime, "emit", broken)
+    monkeypatch.setattr(langfuse_capture.runtime.queue, "_full", broken)
     traced = traced_app("starlette", user_id_from=lambda info: 1 / 0)
     bare = await call(apps.starlette_app(), "/items/1")
     with caplog.at_level(logging.ERROR, logger="langfuse_mw"):
@@ -502,7 +502,8 @@ async def test_tracing_failures_never_reach_the_request(
     for result in results:
         assert result.exception is None
         assert (result.status, result.body) == (bare.status, bare.body)
-    assert health()["internal_errors"] == {"end": 3, "user_id_from": 3}
+    # 3 roots, and 4 generations (the SDK path, the bare app's too) failing the same way.
+    assert health()["internal_errors"] == {"export.emit": 7, "user_id_from": 3}
     # Logged once per cause, not once per request; and without any request content.
     assert len([r for r in caplog.records if "tracing error" in r.getMessage()]) == 2
 
