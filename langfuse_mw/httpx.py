@@ -175,16 +175,7 @@ class TracedClient(httpx.Client):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        def wrap(transport: httpx.BaseTransport) -> TracingTransport:
-            return TracingTransport(
-                transport,
-                propagate_to=propagate_to,
-                trace_outside_requests=trace_outside_requests,
-            )
-
-        # Every transport the client may pick (default, mounts, proxies) gets wrapped.
-        self._transport = wrap(self._transport)
-        self._mounts = {p: None if t is None else wrap(t) for p, t in self._mounts.items()}
+        _wrap_transports(self, TracingTransport, propagate_to, trace_outside_requests)
 
 
 class AsyncTracedClient(httpx.AsyncClient):
@@ -198,12 +189,15 @@ class AsyncTracedClient(httpx.AsyncClient):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        def wrap(transport: httpx.AsyncBaseTransport) -> AsyncTracingTransport:
-            return AsyncTracingTransport(
-                transport,
-                propagate_to=propagate_to,
-                trace_outside_requests=trace_outside_requests,
-            )
+        _wrap_transports(self, AsyncTracingTransport, propagate_to, trace_outside_requests)
 
-        self._transport = wrap(self._transport)
-        self._mounts = {p: None if t is None else wrap(t) for p, t in self._mounts.items()}
+
+def _wrap_transports(
+    client: Any, wrapper: Any, propagate_to: Sequence[str] | None, outside: bool
+) -> None:
+    # Every transport the client may pick (default, mounts, proxies) gets wrapped.
+    def wrap(transport: Any) -> Any:
+        return wrapper(transport, propagate_to=propagate_to, trace_outside_requests=outside)
+
+    client._transport = wrap(client._transport)
+    client._mounts = {p: None if t is None else wrap(t) for p, t in client._mounts.items()}
