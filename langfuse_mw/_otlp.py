@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-__all__ = ["SpanDict", "any_value", "attributes", "decode_protobuf", "spans_from_request"]
+__all__ = [
+    "SpanDict",
+    "any_value",
+    "attributes",
+    "decode_protobuf",
+    "json_any_value",
+    "json_attributes",
+    "json_id",
+    "spans_from_json",
+    "spans_from_request",
+]
 
 SpanDict = dict[str, Any]
 
@@ -74,3 +86,136 @@ def spans_from_request(request: ExportTraceServiceRequest) -> list[SpanDict]:
                     }
                 )
     return out
+
+
+# -- OTLP/JSON ------------------------------------------------------------------------------
+# protobuf's json_format would read trace and span ids as base64, but OTLP/JSON carries them
+# as hex strings, and Langfuse keeps a string id exactly as sent; so the JSON form is walked
+# by hand into the same SpanDict shape as the protobuf one.
+
+
+def json_id(value: Any) -> str | None:
+    """A trace/span id from OTLP/JSON as Langfuse reads it: strings as given, byte arrays as hex.
+
+    Returns None for anything Langfuse cannot convert (absent, a number, an object).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # Buffer.from(array): each element taken modulo 256
+        return bytes(b & 0xFF if isinstance(b, int) and not isinstance(b, bool) else 0
+                     for b in value).hex()  # fmt: skip
+    if (
+        isinstance(value, Mapping)
+        and value.get("type") == "Buffer"
+        and isinstance(value.get("data"), list)
+    ):
+        return json_id(value["data"])
+    return None
+
+
+def json_any_value(value: Any) -> Any:
+    """Return the Python value held by an OTLP/JSON ``AnyValue`` object."""
+    if not isinstance(value, Mapping):
+        return None
+    if "stringValue" in value:
+        return value["stringValue"]
+    if "boolValue" in value:
+        return value["boolValue"]
+    if "intValue" in value:
+        raw = value["intValue"]
+        try:
+            return int(raw)  # int64 travels as a decimal string in OTLP/JSON
+        except (TypeError, ValueError):
+            return raw
+    if "doubleValue" in value:
+        raw = value["doubleValue"]
+        try:
+            return float(raw)  # "NaN" and "Infinity" travel as strings
+        except (TypeError, ValueError):
+            return raw
+    if "arrayValue" in value:
+        return [json_any_value(v) for v in _list((value["arrayValue"] or {}).get("values"))]
+    if "kvlistValue" in value:
+        return json_attributes((value["kvlistValue"] or {}).get("values"))
+    if "bytesValue" in value:
+        try:
+            return base64.b64decode(value["bytesValue"])
+        except (TypeError, ValueError):
+            return value["bytesValue"]
+    return None
+
+
+def json_attributes(pairs: Any) -> dict[str, Any]:
+    """Return an OTLP/JSON ``[{"key", "value"}]`` list as a dict."""
+    return {
+        str(kv["key"]): json_any_value(kv.get("value"))
+        for kv in _list(pairs)
+        if isinstance(kv, Mapping) and "key" in kv
+    }
+
+
+def spans_from_json(resource_spans: Any) -> list[SpanDict]:
+    """Flatten OTLP/JSON ``resourceSpans`` into the same dicts as :func:`spans_from_request`.
+
+    Ids that are strings are kept as sent (not lower-cased), as Langfuse does; byte arrays
+    become lower-case hex; an unconvertible id becomes ``""``. Validate first if that matters.
+    """
+    out: list[SpanDict] = []
+    for resource_span in _list(resource_spans):
+        if not isinstance(resource_span, Mapping):
+            continue
+        resource = json_attributes(_dict(resource_span.get("resource")).get("attributes"))
+        for scope_span in _list(resource_span.get("scopeSpans")):
+            raw_scope = _dict(_dict(scope_span).get("scope"))
+            scope = {
+                "name": str(raw_scope.get("name") or ""),
+                "version": str(raw_scope.get("version") or ""),
+                "attributes": json_attributes(raw_scope.get("attributes")),
+            }
+            for span in _list(_dict(scope_span).get("spans")):
+                if not isinstance(span, Mapping):
+                    continue
+                status = _dict(span.get("status"))
+                code = status.get("code")
+                out.append(
+                    {
+                        "name": str(span.get("name") or ""),
+                        "trace_id": json_id(span.get("traceId")) or "",
+                        "span_id": json_id(span.get("spanId")) or "",
+                        "parent_span_id": json_id(span.get("parentSpanId")) or None,
+                        "kind": span.get("kind") if isinstance(span.get("kind"), int) else 0,
+                        "start_time_unix_nano": _nanos(span.get("startTimeUnixNano")),
+                        "end_time_unix_nano": _nanos(span.get("endTimeUnixNano")),
+                        "attributes": json_attributes(span.get("attributes")),
+                        "status": {
+                            "code": code if isinstance(code, int) else 0,
+                            "message": str(status.get("message") or ""),
+                        },
+                        "events": [
+                            {
+                                "name": str(_dict(event).get("name") or ""),
+                                "time_unix_nano": _nanos(_dict(event).get("timeUnixNano")),
+                                "attributes": json_attributes(_dict(event).get("attributes")),
+                            }
+                            for event in _list(span.get("events"))
+                        ],
+                        "resource": resource,
+                        "scope": scope,
+                    }
+                )
+    return out
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _nanos(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

@@ -1,0 +1,109 @@
+"""A real uvicorn process exporting real OTLP/HTTP to the local receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from langfuse_mw.devserver import DevServer
+from tests.servers import Server, free_port
+
+pytestmark = pytest.mark.e2e
+
+KEYS = {"LANGFUSE_PUBLIC_KEY": "pk-lf-e2e", "LANGFUSE_SECRET_KEY": "sk-lf-e2e"}
+
+
+@pytest.fixture
+def receiver() -> Iterator[DevServer]:
+    server = DevServer(
+        host="127.0.0.1", port=0, db=":memory:", public_key="pk-lf-e2e", secret_key="sk-lf-e2e"
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def uvicorn(base_url: str, **env: str) -> Server:
+    port = free_port()
+    server = Server(
+        ["uvicorn", "tests.e2e_asgi_app:app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"],
+        port,
+        {**KEYS, "LANGFUSE_BASE_URL": base_url, **env},
+    )  # fmt: skip
+    server.wait_ready()
+    return server
+
+
+async def burst(url: str, n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=20)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
+        return await asyncio.gather(
+            *(
+                client.get(
+                    f"/items/{i}",
+                    headers={"x-user-id": f"user-{i % 7}", "x-request-id": f"req-{i}"},
+                )
+                for i in range(n)
+            )
+        )
+
+
+def test_sigterm_right_after_a_burst_loses_no_span(receiver: DevServer) -> None:
+    # A long export interval: only the shutdown path can deliver these in time.
+    server = uvicorn(receiver.url, LANGFUSE_MW_FLUSH_INTERVAL="30")
+    try:
+        responses = asyncio.run(burst(server.url, 200))
+        assert all(r.status_code == 200 for r in responses)
+        code, _ = server.terminate()
+        # uvicorn shuts down gracefully, then re-raises SIGTERM with its default action.
+        assert code in (0, -signal.SIGTERM), server.output()
+    finally:
+        server.close()
+    spans = receiver.received_spans()
+    roots = [s for s in spans if s["name"] == "GET /items/{item_id}"]
+    children = [s for s in spans if s["name"] == "llm"]
+    assert len(roots) == 200 and len(children) == 200
+    by_id = {s["span_id"]: s for s in roots}
+    for child in children:
+        parent = by_id[child["parent_span_id"]]
+        assert child["trace_id"] == parent["trace_id"]
+        assert child["attributes"]["user.id"] == parent["attributes"]["user.id"]
+    request_ids = {r["attributes"]["langfuse.observation.metadata.requestId"] for r in roots}
+    assert request_ids == {f'"req-{i}"' for i in range(200)}
+    assert receiver.request_count <= 5  # batched, not one POST per span
+
+
+def test_sigterm_with_a_hung_langfuse_exits_within_the_deadline() -> None:
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(64)
+    url = f"http://127.0.0.1:{black_hole.getsockname()[1]}"
+    server = uvicorn(url, LANGFUSE_MW_FLUSH_INTERVAL="0.1", LANGFUSE_MW_SHUTDOWN_TIMEOUT="2")
+    try:
+        responses = asyncio.run(burst(server.url, 50))
+        assert all(r.status_code == 200 for r in responses)
+        code, seconds = server.terminate()
+        output = server.output()
+    finally:
+        server.close()
+        black_hole.close()
+    assert code in (0, -signal.SIGTERM), output
+    assert seconds <= 2 + 1, output
+    assert "spans were not exported" in output
+
+
+def test_requests_are_served_the_same_when_langfuse_refuses_connections() -> None:
+    server = uvicorn(f"http://127.0.0.1:{free_port()}", LANGFUSE_MW_FLUSH_INTERVAL="0.1")
+    try:
+        responses = asyncio.run(burst(server.url, 100))
+        assert [r.status_code for r in responses] == [200] * 100
+        assert all(r.headers["x-request-id"] == f"req-{i}" for i, r in enumerate(responses))
+    finally:
+        server.terminate()
+        server.close()
