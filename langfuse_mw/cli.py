@@ -93,11 +93,38 @@ def _run_devserver(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
+# -- doctor -----------------------------------------------------------------------------------
+
+
+def _add_doctor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "doctor",
+        help="print the effective configuration and check the Langfuse credentials",
+        description="Prints every option with where its value came from (argument, env var, "
+        "preset, default; the secret masked), then POSTs an empty batch to Langfuse to check "
+        "that it accepts the keys. Exit status 1 when it does not.",
+    )
+    parser.add_argument("--no-check", action="store_true", help="only print the configuration")
+    parser.set_defaults(run=_run_doctor)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .doctor import run
+
+    try:
+        return run(sys.stdout, check=not args.no_check)
+    except (ConfigError, TypeError) as exc:
+        print(f"langfuse-mw doctor: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+
 # -- the command ------------------------------------------------------------------------------
 
 # Subcommands in the order `--help` lists them; add `forward` and `doctor` here.
 _COMMANDS: Sequence[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = (
     _add_devserver,
+    _add_doctor,
 )
 
 

@@ -7,6 +7,7 @@ import http.server
 import io
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,18 @@ def test_doctor_reports_an_unreachable_host() -> None:
     options = {"base_url": "http://127.0.0.1:9", "public_key": "pk", "secret_key": "sk"}
     assert run(out, options) == 1
     assert "unreachable" in out.getvalue()
+
+
+def test_the_cli_runs_doctor(
+    langfuse_url: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from langfuse_mw.cli import main
+
+    monkeypatch.setenv("LANGFUSE_BASE_URL", langfuse_url)
+    monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-good")
+    monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-good-secret")
+    assert main(["doctor"]) == 0
+    assert "OK: " in capsys.readouterr().out
+    monkeypatch.setenv("LANGFUSE_MW_SAMPLE_RATE", "2")
+    assert main(["doctor"]) == 2
+    assert "sample_rate: expected a float between 0 and 1" in capsys.readouterr().err
