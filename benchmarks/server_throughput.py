@@ -29,7 +29,7 @@ VARIANTS = ["bare", "langfuse_mw 100%", "langfuse_mw 10%", "otel"]
 
 
 class _Sink(http.server.BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.send_response(200)
         self.send_header("content-length", "2")
