@@ -119,12 +119,36 @@ def _run_doctor(args: argparse.Namespace) -> int:
         return 2
 
 
+# -- forward ----------------------------------------------------------------------------------
+
+
+def _add_forward(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "forward",
+        help="drain the Redis stream of encoded batches into Langfuse (docs/enterprise.md)",
+        add_help=False,  # the forwarder's own parser answers --help
+    )
+    parser.set_defaults(run=_run_forward)
+
+
+def _run_forward(args: argparse.Namespace) -> int:  # pragma: no cover - main() dispatches
+    return _forward([])
+
+
+def _forward(argv: list[str]) -> int:
+    # Imported here so the other subcommands never load redis.
+    from .queue.forwarder import main as forward
+
+    return forward(argv)
+
+
 # -- the command ------------------------------------------------------------------------------
 
-# Subcommands in the order `--help` lists them; add `forward` and `doctor` here.
+# Subcommands in the order `--help` lists them.
 _COMMANDS: Sequence[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = (
     _add_devserver,
     _add_doctor,
+    _add_forward,
 )
 
 
@@ -141,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``langfuse-mw`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["forward"]:  # its options belong to the forwarder's own parser
+        return _forward(argv[1:])
     args = build_parser().parse_args(argv)
     run: Runner = args.run
     return run(args)

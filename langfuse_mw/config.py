@@ -81,6 +81,13 @@ class Settings:
     tracer_provider: Any = None
     max_queue_bytes: int = 64 * 1024 * 1024
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    # Durable export (docs/enterprise.md): a Redis stream drained by `langfuse-mw forward`,
+    # or a local spool directory for batches Langfuse could not take.
+    queue_url: str | None = None
+    queue_stream: str = "langfuse-mw:spans"
+    queue_maxlen: int = 10_000
+    spool_dir: str | None = None
+    spool_max_bytes: int = 256 * 1024 * 1024
 
     # Per request.
     request_id_header: str = "x-request-id"
@@ -115,6 +122,7 @@ RUNTIME_OPTIONS = (
     "public_key", "secret_key", "base_url", "environment", "release", "enabled",
     "flush_interval", "max_batch_size", "max_queue_size", "export_timeout",
     "shutdown_timeout", "compression", "tracer_provider", "max_queue_bytes", "log_level",
+    "queue_url", "queue_stream", "queue_maxlen", "spool_dir", "spool_max_bytes",
 )  # fmt: skip
 
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "sources")
@@ -233,8 +241,31 @@ def _parse(name: str, raw: Any) -> Any:
         return _parse_bool(name, raw)
     if name in ("flush_interval", "export_timeout", "shutdown_timeout"):
         return float(_parse_number(name, raw, float, 0.01))
-    if name in ("max_batch_size", "max_queue_size", "max_queue_bytes"):
+    if name in (
+        "max_batch_size", "max_queue_size", "max_queue_bytes", "queue_maxlen", "spool_max_bytes"
+    ):  # fmt: skip
         return _parse_number(name, raw, int, 1)
+    if name == "queue_url":
+        queue_url = _parse_optional_text(name, raw)
+        parts = urlsplit(queue_url or "")
+        if queue_url is not None and not (
+            parts.scheme == "unix" or (parts.scheme in ("redis", "rediss") and parts.hostname)
+        ):
+            raise ConfigError(
+                "queue_url: expected a Redis URL such as redis://host:6379/0 "
+                f"(redis://, rediss:// or unix://), got {raw!r}"
+            )
+        return queue_url
+    if name == "queue_stream":
+        stream = str(raw).strip()
+        if not stream or len(stream) > 200 or not stream.isprintable() or " " in stream:
+            raise ConfigError(
+                f"queue_stream: expected a Redis key of 1-200 printable characters, got {raw!r}"
+            )
+        return stream
+    if name == "spool_dir":
+        path = _parse_optional_text(name, raw)
+        return None if path is None else os.path.expanduser(path)
     if name == "preset":
         preset = str(raw).strip().lower()
         preset = _PRESET_ALIASES.get(preset, preset)
@@ -394,4 +425,9 @@ def resolve_settings(
     if "enabled" not in options and environ.get("LANGFUSE_TRACING_ENABLED", "").lower() == "false":
         values["enabled"] = False
         sources["enabled"] = "env:LANGFUSE_TRACING_ENABLED"
+    if values.get("queue_url") and values.get("spool_dir"):
+        raise ConfigError(
+            f"queue_url ({sources['queue_url']}) and spool_dir ({sources['spool_dir']}): "
+            "choose one durable export mode, not both"
+        )
     return Settings(**values, sources=sources)

@@ -121,9 +121,18 @@ class HttpSender:
             body = self.encode(spans)
         except Exception as exc:  # an attribute the encoder cannot take: drop, not retry
             return Outcome(drop_reason="encoding", error=f"encoding failed: {exc!r}")
+        return self.post(body, timeout)
+
+    def post(self, body: bytes, timeout: float, *, gzipped: bool | None = None) -> Outcome:
+        """POST already-encoded OTLP bytes as they are (``gzipped``: None = as configured)."""
+        headers = self._headers
+        if gzipped is not None and gzipped != self._gzip:
+            headers = {k: v for k, v in headers.items() if k != "Content-Encoding"}
+            if gzipped:
+                headers["Content-Encoding"] = "gzip"
         try:
             response = self._http().post(
-                self.endpoint, content=body, headers=self._headers, timeout=timeout
+                self.endpoint, content=body, headers=headers, timeout=timeout
             )
         except httpx.TimeoutException:
             return Outcome(retry=True, error=f"timeout after {timeout:.1f}s")

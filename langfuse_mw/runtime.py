@@ -22,7 +22,9 @@ from ._version import __version__
 from .config import Settings, resolve_settings
 from .export import ExportQueue, HttpSender, Item, Sender
 
-__all__ = ["Runtime", "current", "flush", "get_runtime", "health", "init", "shutdown"]
+__all__ = [
+    "Runtime", "current", "flush", "get_runtime", "health", "http_sender", "init", "shutdown",
+]  # fmt: skip
 
 logger = logging.getLogger("langfuse_mw")
 
@@ -37,6 +39,26 @@ class _NullExporter(SpanExporter):
 
     def shutdown(self) -> None:
         return None
+
+
+def http_sender(settings: Settings, public_key: str, secret_key: str) -> HttpSender:
+    """The OTLP/HTTP sender for the Langfuse project (also used by `langfuse-mw forward`)."""
+    from langfuse._version import __version__ as sdk_version
+
+    auth = base64.b64encode(f"{public_key}:{secret_key}".encode()).decode("ascii")
+    return HttpSender(
+        f"{settings.base_url}/api/public/otel/v1/traces",
+        {
+            "Authorization": f"Basic {auth}",
+            "x-langfuse-sdk-name": "python",
+            "x-langfuse-sdk-version": sdk_version,
+            "x-langfuse-public-key": public_key,
+            "x-langfuse-ingestion-version": "4",
+            "User-Agent": f"langfuse-mw/{__version__}",
+        },
+        compression=settings.compression,
+        describe=f"{settings.base_url} (public key {public_key})",
+    )
 
 
 class Runtime:
@@ -61,12 +83,14 @@ class Runtime:
     def _check(settings: Settings, sender: Sender | None) -> str | None:
         if not settings.enabled:
             return "disabled by configuration (enabled=false)"
-        if sender is None and not (settings.public_key and settings.secret_key):
+        # In queue mode the forwarder holds the secret key: services need the public key only.
+        secret_ok = bool(settings.secret_key or settings.queue_url)
+        if sender is None and not (settings.public_key and secret_ok):
             missing = [
                 name
                 for name, value in (
                     ("LANGFUSE_PUBLIC_KEY", settings.public_key),
-                    ("LANGFUSE_SECRET_KEY", settings.secret_key),
+                    ("LANGFUSE_SECRET_KEY", secret_ok),
                 )
                 if not value
             ]
@@ -111,20 +135,11 @@ class Runtime:
             LANGFUSE_TRACER_NAME, sdk_version, None, {"public_key": public_key}
         )
         if sender is None:
-            auth = base64.b64encode(f"{public_key}:{secret_key}".encode()).decode("ascii")
-            sender = HttpSender(
-                f"{settings.base_url}/api/public/otel/v1/traces",
-                {
-                    "Authorization": f"Basic {auth}",
-                    "x-langfuse-sdk-name": "python",
-                    "x-langfuse-sdk-version": sdk_version,
-                    "x-langfuse-public-key": public_key,
-                    "x-langfuse-ingestion-version": "4",
-                    "User-Agent": f"langfuse-mw/{__version__}",
-                },
-                compression=settings.compression,
-                describe=f"{settings.base_url} (public key {public_key})",
-            )
+            sender = http_sender(settings, public_key, secret_key)
+            if settings.queue_url or settings.spool_dir:
+                from .queue import durable_sender  # imports redis only when asked for
+
+                sender = durable_sender(settings, sender)
         self.queue = ExportQueue(
             sender,
             max_queue_size=settings.max_queue_size,
@@ -178,6 +193,9 @@ class Runtime:
         }
         if self.queue is not None:
             snapshot.update(self.queue.stats())
+            durable = getattr(self.queue.sender, "stats", None)
+            if callable(durable):  # the Redis stream or the spool behind the queue
+                snapshot["durable"] = durable()
         snapshot["internal_errors"] = dict(_failsafe.internal_errors)
         snapshot["rejected_inputs"] = dict(_failsafe.rejected_inputs)
         return snapshot
@@ -219,7 +237,7 @@ def _install(runtime: Runtime) -> Runtime:
     else:
         logger.info(
             "langfuse_mw: tracing to %s (preset %s, environment %s, sample rate %s)",
-            settings.base_url,
+            f"Redis stream {settings.queue_stream!r}" if settings.queue_url else settings.base_url,
             settings.preset,
             settings.environment or "default",
             settings.sample_rate,

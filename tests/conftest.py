@@ -50,3 +50,11 @@ async def make_client() -> AsyncIterator[ClientFactory]:
     yield factory
     for client in clients:
         await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_suppression() -> None:
+    # log_once() remembers causes for a minute; each test starts with a clean slate.
+    from langfuse_mw import _failsafe
+
+    _failsafe.reset()
