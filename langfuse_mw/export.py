@@ -142,7 +142,7 @@ class HttpSender:
         return self.classify(response.status_code, retry_after, response.text)
 
     def classify(self, status: int, retry_after: str | None, text: str) -> Outcome:
-        """Map an HTTP status to an outcome (see docs/degradation.md for the table)."""
+        """Map an HTTP status to an outcome (the table is in docs/export.md)."""
         if 200 <= status < 300:
             return SENT
         detail = f"HTTP {status} from {self._describe}: {text[:200]!r}"
