@@ -1,0 +1,154 @@
+"""Per-request overhead of tracing a Flask app, in-process through the WSGI callable, one run.
+
+Variants, alternated round by round:
+  bare                        the Flask app alone
+  langfuse_mw                 LangfuseFlask, 100 % traced, user/session/request id
+  langfuse_mw (excluded path) a request LangfuseFlask skips (exclude_paths)
+  otel wsgi (1 span)          opentelemetry-instrumentation-wsgi's OpenTelemetryMiddleware
+                              on app.wsgi_app, with a batch processor
+
+Every tracing variant exports through a sink that encodes OTLP protobuf in the background
+(only the network is left out). The WSGI callable is called directly, the body iterated and
+closed as a server does (Flask's test client would cost more than what is measured).
+
+    python benchmarks/wsgi_overhead.py [--rounds 7] [--requests 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flask import Flask
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from benchmarks._common import EncodingExporter, EncodingSink, header, run_rounds, table
+
+HEADERS = {
+    "HTTP_HOST": "bench",
+    "HTTP_USER_AGENT": "bench/1.0",
+    "HTTP_X_USER_ID": "user-123",
+    "HTTP_X_SESSION_ID": "session-456",
+    "HTTP_ACCEPT": "*/*",
+}
+
+
+def make_app() -> Flask:
+    app = Flask("bench")
+    app.add_url_rule("/items/<int:item_id>", "item", lambda item_id: "hello")
+    app.add_url_rule("/health", "health", lambda: "hello")
+    return app
+
+
+def driver(app: Any, path: str) -> Callable[[int], float]:
+    """Return run(n) -> seconds for n sequential requests through the WSGI callable."""
+    template = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": "page=2",
+        "SERVER_NAME": "bench",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        **HEADERS,
+    }
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        return None
+
+    def run(n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            environ = dict(template)
+            environ["wsgi.input"] = io.BytesIO(b"")
+            body = app(environ, start_response)
+            for _chunk in body:
+                pass
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        return time.perf_counter() - started
+
+    return run
+
+
+def langfuse_mw_app(sink: EncodingSink, excluded: bool = False) -> Any:
+    from langfuse_mw import runtime
+    from langfuse_mw.config import resolve_settings
+    from langfuse_mw.flask import LangfuseFlask
+
+    if runtime.current() is None:
+        settings = resolve_settings(
+            {"public_key": "pk-lf-bench", "secret_key": "sk-lf-bench", "base_url": "http://x"}
+        )
+        with runtime._lock:
+            runtime._install(runtime.Runtime(settings, sender=sink))
+    app = make_app()
+    LangfuseFlask(app, exclude_paths=["/health"] if excluded else [])
+    return app
+
+
+def otel_app(exporter: EncodingExporter) -> Any:
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    app = make_app()
+    app.wsgi_app = OpenTelemetryMiddleware(app.wsgi_app, tracer_provider=provider)  # type: ignore[method-assign]
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+
+    header(
+        "WSGI overhead, in-process (Flask hello world)",
+        ["langfuse-mw", "langfuse", "flask", "werkzeug", "opentelemetry-sdk",
+         "opentelemetry-instrumentation-wsgi"],
+    )  # fmt: skip
+    sink = EncodingSink()
+    variants = {
+        "bare": driver(make_app(), "/items/1"),
+        "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
+        "langfuse_mw (excluded path)": driver(langfuse_mw_app(sink, excluded=True), "/health"),
+        "otel wsgi (1 span)": driver(otel_app(EncodingExporter()), "/items/1"),
+    }
+    for run in variants.values():  # warm up imports, caches, threads
+        run(300)
+
+    from langfuse_mw import runtime
+
+    def settle() -> None:
+        runtime.flush(10)
+        time.sleep(0.3)  # OpenTelemetry's batch thread has no usable flush deadline
+
+    print("## request path (wall time on the request's thread)")
+    samples = run_rounds(variants, rounds=args.rounds, requests=args.requests, settle=settle)
+    table(samples, "bare", peers=["otel wsgi (1 span)"])
+    health = runtime.health()
+    print(
+        f"langfuse_mw export: created={health['created']} exported={health['exported']} "
+        f"dropped={health['dropped']} (sink saw {sink.spans})"
+    )
+
+
+if __name__ == "__main__":
+    main()

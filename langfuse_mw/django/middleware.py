@@ -1,0 +1,179 @@
+"""``LangfuseMiddleware`` for Django's ``MIDDLEWARE``: one class, sync and async."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
+# Django ships no type hints: its objects are Any here.
+from django.core.exceptions import (  # type: ignore[import-untyped]
+    BadRequest,
+    PermissionDenied,
+    SuspiciousOperation,
+)
+from django.core.signals import got_request_exception  # type: ignore[import-untyped]
+from django.http import Http404, HttpResponse  # type: ignore[import-untyped]
+from django.http.multipartparser import MultiPartParserError  # type: ignore[import-untyped]
+
+from .. import runtime
+from ..core import Observation
+from ..wsgi import ResponseBody, content_length, environ_info
+from . import conf
+
+__all__ = ["LangfuseMiddleware"]
+
+HttpRequest = Any
+Response = Any
+# Exceptions Django answers with a 4xx: the client's error, not the application's.
+_CLIENT_ERRORS = (Http404, PermissionDenied, BadRequest, SuspiciousOperation, MultiPartParserError)
+_OBS = "_langfuse_mw_observation"
+_NOTED = "_langfuse_mw_exception"
+
+
+class LangfuseMiddleware:
+    """Trace every request of a Django project into Langfuse (WSGI and ASGI, sync and async views).
+
+    Options come from ``settings.LANGFUSE_MW`` (a dict), read lazily.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+        # A bad LANGFUSE_MW fails here, at start-up; the runtime is built (or warns) now too.
+        runtime.get_runtime(conf.state().tracer.settings)
+        got_request_exception.connect(_on_exception, dispatch_uid="langfuse_mw.django")
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        obs = self._begin(request)
+        if not isinstance(obs, Observation):
+            return obs if obs is not None else self.get_response(request)
+        try:
+            return self._respond(request, self.get_response(request), obs)
+        except BaseException as exc:
+            _fail(request, obs, exc)
+            raise
+        finally:
+            obs.detach()
+
+    async def __acall__(self, request: HttpRequest) -> Response:
+        obs = self._begin(request)
+        if not isinstance(obs, Observation):
+            return obs if obs is not None else await self.get_response(request)
+        try:
+            get_response: Callable[[HttpRequest], Awaitable[Response]] = self.get_response
+            return self._respond(request, await get_response(request), obs)
+        except BaseException as exc:
+            _fail(request, obs, exc)
+            raise
+        finally:
+            obs.detach()
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> None:
+        """Note the view's exception; recorded if the response it leads to is a 5xx."""
+        _note(request, exception)
+
+    def _begin(self, request: HttpRequest) -> Observation | Response | None:
+        state = conf.state()
+        tracer = state.tracer
+        path, method = request.path, request.method or "GET"
+        if path == tracer.settings.health_path:
+            # Readiness probes: always 200, the JSON says what is wrong.
+            body = tracer.health_json()
+            return HttpResponse(body, content_type="application/json",
+                                headers={"Cache-Control": "no-store"})  # fmt: skip
+        if tracer.is_excluded(method, path):
+            return None
+        obs = tracer.begin(environ_info(request.META, state.keys, method, path, "django", request))
+        if obs is not None:
+            setattr(request, _OBS, obs)
+        return obs
+
+    def _respond(self, request: HttpRequest, response: Response, obs: Observation) -> Response:
+        _set_route(request, obs)
+        status = response.status_code
+        obs.set_status(status)
+        noted = request.__dict__.pop(_NOTED, None)
+        if noted is not None and status >= 500:
+            obs.record_exception(noted)
+        settings = obs.tracer.settings
+        echo = settings.request_id_header
+        if settings.echo_request_id and echo not in response:
+            response[echo] = obs.request_id
+        if not response.streaming:
+            obs.add_body(len(response.content))
+            obs.end()
+        elif getattr(response, "file_to_stream", None) is not None:
+            # A FileResponse: WSGI servers may sendfile() it past any iterator of ours, so the
+            # end is the response's close(), which every server calls once the file is sent.
+            obs.add_body(max(0, content_length(response.get("Content-Length"))))
+            response._resource_closers.append(obs.end)
+        elif response.is_async:
+            response.streaming_content = _astream(response.streaming_content, obs)
+        else:
+            length = content_length(response.get("Content-Length"))
+            response.streaming_content = ResponseBody(obs, response.streaming_content, length)
+        return response
+
+
+def _set_route(request: HttpRequest, obs: Observation) -> None:
+    match = getattr(request, "resolver_match", None)
+    obs.set_route(match.route if match is not None else None)
+
+
+def _fail(request: HttpRequest, obs: Observation, exc: BaseException) -> None:
+    # Only with DEBUG_PROPAGATE_EXCEPTIONS (or a failure of ours): Django turns the rest
+    # into responses.
+    _set_route(request, obs)
+    if isinstance(exc, Exception):
+        obs.record_exception(exc)
+    obs.end()
+
+
+def _note(request: Any, exc: BaseException | None) -> None:
+    if exc is None or isinstance(exc, _CLIENT_ERRORS):
+        return
+    if getattr(request, _OBS, None) is not None and not hasattr(request, _NOTED):
+        setattr(request, _NOTED, exc)
+
+
+def _on_exception(sender: Any, request: Any = None, **kwargs: Any) -> None:
+    # Sent for exceptions Django answers with a 500, anywhere below the middleware.
+    _note(request, sys.exc_info()[1])
+
+
+async def _astream(content: AsyncIterator[bytes], obs: Observation) -> AsyncIterator[bytes]:
+    # Django iterates after the middleware returned and reset the context: each step of the
+    # view's iterator runs with the request current again (an async twin of ResponseBody).
+    body = ResponseBody(obs, ())
+    done = False
+    try:
+        iterator = aiter(content)
+        while True:
+            tokens = body.attach()
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                break
+            finally:
+                body.release(tokens)
+            obs.add_body(len(chunk))
+            yield chunk
+        done = True
+    except Exception as exc:
+        done = True
+        obs.record_exception(exc)
+        raise
+    finally:
+        if not done:
+            obs.mark_disconnected()  # closed or cancelled before the end: the client left
+        obs.end()

@@ -1,0 +1,233 @@
+"""LangfuseMiddleware in Django through its test clients, sync and async; settings and checks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from langfuse_mw.testing import LangfuseCapture
+from tests.django_project import setup
+
+setup()
+
+from asgiref.sync import iscoroutinefunction  # noqa: E402
+from django.core import checks  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.http import Http404, HttpResponse  # noqa: E402
+from django.test import AsyncClient, Client, override_settings  # noqa: E402
+
+from langfuse_mw.django import LangfuseMiddleware  # noqa: E402
+
+OURS = "langfuse_mw.django.LangfuseMiddleware"
+ASYNC_URLS = "tests.django_project.urls_async"
+
+
+def user_from_header(info: Any) -> str | None:
+    """Used as a dotted path in LANGFUSE_MW."""
+    return f"auth-{info.raw.headers.get('x-account', 'none')}"
+
+
+class Swallow:
+    """A middleware that turns a view's exception into a friendly 200."""
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        return self.get_response(request)
+
+    def process_exception(self, request: Any, exception: Exception) -> Any:
+        return HttpResponse("handled", status=200)
+
+
+class Exploding:
+    """A middleware that fails itself (below LangfuseMiddleware)."""
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        if request.path == "/hello":
+            raise ZeroDivisionError("middleware bug")
+        return self.get_response(request)
+
+
+class NotFound:
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        raise Http404("nothing here")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize(
+    ("client_kind", "urlconf"),
+    [("sync", None), ("sync", ASYNC_URLS), ("async", None), ("async", ASYNC_URLS)],
+    ids=["sync-client-sync-views", "sync-client-async-views", "async-client-sync-views",
+         "async-client-async-views"],
+)  # fmt: skip
+def test_sync_and_async_clients_and_views(
+    langfuse_capture: LangfuseCapture, client_kind: str, urlconf: str | None
+) -> None:
+    headers = {"x-user-id": "u-1", "x-request-id": "rid-1"}
+    with override_settings(**({"ROOT_URLCONF": urlconf} if urlconf else {})):
+        if client_kind == "sync":
+            response = Client().get("/items/5", headers=headers)
+        else:
+            response = run(AsyncClient().get("/items/5", headers=headers))
+    assert response.status_code == 200
+    assert response["x-request-id"] == "rid-1"
+    root = langfuse_capture.single(name="GET items/<int:item_id>")
+    child = langfuse_capture.single(name="llm")
+    assert child["parent_span_id"] == root["span_id"]
+    assert (root["user_id"], child["user_id"]) == ("u-1", "u-1")
+    assert root["metadata"]["framework"] == "django"
+
+
+def test_middleware_is_one_class_for_sync_and_async() -> None:
+    def sync_view(request: Any) -> Any:
+        return HttpResponse()
+
+    async def async_view(request: Any) -> Any:
+        return HttpResponse()
+
+    assert LangfuseMiddleware.sync_capable and LangfuseMiddleware.async_capable
+    assert not iscoroutinefunction(LangfuseMiddleware(sync_view))
+    assert iscoroutinefunction(LangfuseMiddleware(async_view))
+
+
+def test_override_settings_takes_effect_on_the_next_request(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    client = Client()
+    options = {"user_id_from": "tests.test_django.user_from_header", "exclude_paths": ["/hello"]}
+    with override_settings(LANGFUSE_MW=options):
+        client.get("/ctx", headers={"x-account": "a1"})
+        client.get("/hello")
+    client.get("/hello")
+    names = [(s["name"], s["user_id"]) for s in langfuse_capture.spans()]
+    assert names == [("GET ctx", "auth-a1"), ("GET hello", None)]
+
+
+def test_view_exception_is_recorded_and_the_test_client_still_raises(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    with pytest.raises(RuntimeError, match="kaboom"):
+        Client().get("/boom")
+    response = Client(raise_request_exception=False).get("/boom")
+    assert response.status_code == 500
+    assert response["x-request-id"]
+    for root in langfuse_capture.spans(name="GET boom"):
+        assert (root["level"], root["status_message"]) == ("ERROR", "RuntimeError: kaboom")
+        assert root["events"][0]["attributes"]["exception.type"] == "builtins.RuntimeError"
+    assert len(langfuse_capture.spans(name="GET boom")) == 2
+
+
+def test_async_view_exception_is_recorded(langfuse_capture: LangfuseCapture) -> None:
+    with override_settings(ROOT_URLCONF=ASYNC_URLS):
+        response = run(AsyncClient(raise_request_exception=False).get("/boom"))
+    assert response.status_code == 500
+    root = langfuse_capture.single(name="GET boom")
+    assert root["status_message"] == "RuntimeError: kaboom"
+
+
+def test_exception_in_a_middleware_below_is_recorded(langfuse_capture: LangfuseCapture) -> None:
+    with override_settings(MIDDLEWARE=[OURS, "tests.test_django.Exploding"]):
+        response = Client(raise_request_exception=False).get("/hello")
+    assert response.status_code == 500
+    root = langfuse_capture.single(name="GET <unmatched>")  # failed before URL resolution
+    assert root["status_message"] == "ZeroDivisionError: middleware bug"
+
+
+def test_exceptions_answered_with_4xx_or_handled_into_2xx_are_not_errors(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    with override_settings(MIDDLEWARE=[OURS, "tests.test_django.NotFound"]):
+        assert Client().get("/hello").status_code == 404
+    with override_settings(MIDDLEWARE=[OURS, "tests.test_django.Swallow"]):
+        assert Client().get("/boom").content == b"handled"
+    levels = [
+        (s["output"]["statusCode"], s["level"], s["events"]) for s in langfuse_capture.spans()
+    ]
+    assert levels == [(404, "WARNING", []), (200, "DEFAULT", [])]
+
+
+def test_debug_propagate_exceptions_reraises_through_the_middleware(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    with override_settings(DEBUG_PROPAGATE_EXCEPTIONS=True), pytest.raises(RuntimeError):
+        Client().get("/boom")
+    assert langfuse_capture.single(name="GET boom")["status_message"] == "RuntimeError: kaboom"
+
+
+@pytest.mark.parametrize("urlconf", [None, ASYNC_URLS], ids=["sync-iterator", "async-iterator"])
+def test_streaming_response_ends_after_the_last_chunk(
+    langfuse_capture: LangfuseCapture, urlconf: str | None
+) -> None:
+    with override_settings(**({"ROOT_URLCONF": urlconf} if urlconf else {})):
+        if urlconf:
+
+            async def consume() -> bytes:
+                response = await AsyncClient().get("/stream", {"delay": "0.1"})
+                return b"".join([chunk async for chunk in response.streaming_content])
+
+            body = run(consume())
+        else:
+            response = Client().get("/stream", {"delay": "0.1"})
+            body = b"".join(response.streaming_content)
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    root = langfuse_capture.single(name="GET stream")
+    assert root["end_time_unix_nano"] - root["start_time_unix_nano"] >= 300_000_000
+    assert root["metadata"]["responseSize"] == len(body)
+    assert "disconnected" not in root["metadata"]
+
+
+def test_streaming_response_closed_early_is_a_disconnect(langfuse_capture: LangfuseCapture) -> None:
+    response = Client().get("/stream", {"delay": "0.01"})
+    next(iter(response.streaming_content))
+    response.close()
+    root = langfuse_capture.single(name="GET stream")
+    assert root["metadata"]["disconnected"] is True
+
+
+def test_a_bad_setting_fails_at_start_up() -> None:
+    with (
+        override_settings(LANGFUSE_MW={"sample_rat": 1}),
+        pytest.raises(ImproperlyConfigured, match="did you mean 'sample_rate'"),
+    ):
+        LangfuseMiddleware(lambda request: HttpResponse())
+
+
+def _ids(**overrides: Any) -> list[str]:
+    with override_settings(**overrides):
+        return sorted(m.id for m in checks.run_checks(tags=["langfuse_mw"]))
+
+
+def test_system_checks() -> None:
+    assert _ids() == []
+    assert _ids(LANGFUSE_MW=["not", "a", "dict"]) == ["langfuse_mw.E001"]
+    assert _ids(LANGFUSE_MW={"sample_rate": 7}) == ["langfuse_mw.E002"]
+    assert _ids(LANGFUSE_MW={"nope": 1}) == ["langfuse_mw.E002"]
+    assert _ids(LANGFUSE_MW={"user_id_from": "tests.nowhere.fn"}) == ["langfuse_mw.E002"]
+    assert _ids(MIDDLEWARE=[OURS, OURS]) == ["langfuse_mw.E003"]
+    assert _ids(MIDDLEWARE=[]) == ["langfuse_mw.W001"]
+    assert _ids(MIDDLEWARE=[OURS, "tests.test_django.Swallow"]) == ["langfuse_mw.W002"]
+    assert _ids(MIDDLEWARE=["tests.test_django.Swallow", OURS]) == []
+    auth = "django.contrib.auth.middleware.AuthenticationMiddleware"
+    with_user = {"user_id_from": "tests.test_django.user_from_header"}
+    assert _ids(MIDDLEWARE=[OURS, auth], LANGFUSE_MW=with_user) == ["langfuse_mw.W003"]
+    assert _ids(MIDDLEWARE=[auth, OURS], LANGFUSE_MW=with_user) == []
+
+
+def test_get_request_context_inside_views(langfuse_capture: LangfuseCapture) -> None:
+    body = Client().get("/ctx", headers={"x-session-id": "s-1"}).json()
+    root = langfuse_capture.single(name="GET ctx")
+    assert body["session_id"] == "s-1"
+    assert body["observation_id"] == root["span_id"]

@@ -1,0 +1,162 @@
+"""LangfuseFlask through Flask's test client: registration, config, Flask's own error handling."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from flask import Blueprint, Flask, abort
+
+from langfuse_mw.flask import LangfuseFlask
+from langfuse_mw.testing import LangfuseCapture
+from tests.wsgi_apps import flask_app
+
+
+def test_application_factory_with_init_app_and_per_app_config(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    ext = LangfuseFlask(level_4xx="ERROR")
+    first, second = flask_app.build(), flask_app.build()
+    second.config["LANGFUSE_MW_LEVEL_4XX"] = "DEFAULT"  # app.config beats the constructor
+    second.config["LANGFUSE_MW_USER_ID_HEADER"] = "x-account"
+    for app in (first, second):
+        ext.init_app(app)
+    assert first.extensions["langfuse_mw"] is not second.extensions["langfuse_mw"]
+    first.test_client().get("/status/404")
+    second.test_client().get("/status/404", headers={"x-account": "acc-1"})
+    levels = {(s["level"], s["user_id"]) for s in langfuse_capture.spans()}
+    assert levels == {("ERROR", None), ("DEFAULT", "acc-1")}
+
+
+def test_registering_twice_on_one_app_raises() -> None:
+    app = flask_app.build()
+    LangfuseFlask(app)
+    with pytest.raises(RuntimeError, match="already registered on the app 'shared'"):
+        LangfuseFlask(app)
+    with pytest.raises(RuntimeError):
+        LangfuseFlask().init_app(app)
+
+
+def test_unknown_config_key_and_bad_values_fail_at_registration() -> None:
+    app = flask_app.build()
+    app.config["LANGFUSE_MW_SAMPLE_RAT"] = 0.5
+    with pytest.raises(TypeError, match="LANGFUSE_MW_SAMPLE_RAT"):
+        LangfuseFlask(app)
+    app = flask_app.build()
+    app.config["LANGFUSE_MW_SAMPLE_RATE"] = "often"
+    with pytest.raises(ValueError, match="sample_rate"):
+        LangfuseFlask(app)
+    assert "langfuse_mw" not in app.extensions
+
+
+def test_test_client_responses_are_traced_without_closing_them(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    app = flask_app.build()
+    LangfuseFlask(app)
+    response = app.test_client().get("/items/7", headers={"x-user-id": "u-7"})
+    assert response.status_code == 200
+    # The response is still open: the body is complete all the same (its Content-Length).
+    root = langfuse_capture.single(name="GET /items/<int:item_id>")
+    assert root["user_id"] == "u-7"
+    assert root["metadata"]["responseSize"] == len(response.data)
+
+
+def test_rule_of_blueprint_and_wrong_method(langfuse_capture: LangfuseCapture) -> None:
+    app = flask_app.build()
+    bp = Blueprint("api", __name__, url_prefix="/api/v1")
+    bp.add_url_rule("/users/<uuid:uid>", "user", lambda uid: "user")
+    app.register_blueprint(bp)
+    LangfuseFlask(app)
+    client = app.test_client()
+    assert client.get("/api/v1/users/12345678-1234-5678-1234-567812345678").status_code == 200
+    assert client.get("/only-post").status_code == 405
+    assert client.get("/items/not-a-number").status_code == 404
+    names = sorted(s["name"] for s in langfuse_capture.spans())
+    assert names == ["GET /api/v1/users/<uuid:uid>", "GET /only-post", "GET <unmatched>"]
+
+
+def test_exception_turned_into_500_is_recorded(langfuse_capture: LangfuseCapture) -> None:
+    app = flask_app.build()
+    LangfuseFlask(app)
+    response = app.test_client().get("/boom")
+    assert response.status_code == 500
+    root = langfuse_capture.single(name="GET /boom")
+    assert (root["level"], root["status_message"]) == ("ERROR", "RuntimeError: kaboom")
+    assert root["output"] == {"statusCode": 500}
+
+
+def test_propagated_exception_in_testing_mode_is_recorded_and_reraised(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    app = flask_app.build()
+    app.testing = True
+    LangfuseFlask(app)
+    with pytest.raises(RuntimeError, match="kaboom"):
+        app.test_client().get("/boom")
+    root = langfuse_capture.single(name="GET /boom")  # the rule was seen before teardown
+    assert root["status_message"] == "RuntimeError: kaboom"
+
+
+@pytest.mark.parametrize(
+    ("handler_status", "level", "message"),
+    [(500, "ERROR", "LookupError: missing"), (422, "WARNING", "HTTP 422")],
+)
+def test_errorhandler_responses_record_the_exception_only_when_5xx(
+    langfuse_capture: LangfuseCapture, handler_status: int, level: str, message: str
+) -> None:
+    app = flask_app.build()
+
+    @app.get("/lookup")
+    def lookup() -> Any:
+        raise LookupError("missing")
+
+    @app.errorhandler(LookupError)
+    def handle(error: Exception) -> Any:
+        return {"error": str(error)}, handler_status
+
+    LangfuseFlask(app)
+    assert app.test_client().get("/lookup").status_code == handler_status
+    root = langfuse_capture.single(name="GET /lookup")
+    assert (root["level"], root["status_message"]) == (level, message)
+
+
+def test_custom_500_page_keeps_the_original_exception(langfuse_capture: LangfuseCapture) -> None:
+    app = flask_app.build()
+
+    @app.errorhandler(500)
+    def page(error: Exception) -> Any:
+        return "we are sorry", 500
+
+    LangfuseFlask(app)
+    response = app.test_client().get("/boom")
+    assert (response.status_code, response.data) == (500, b"we are sorry")
+    assert langfuse_capture.single(name="GET /boom")["status_message"] == "RuntimeError: kaboom"
+
+
+def test_abort_with_4xx_is_not_an_exception(langfuse_capture: LangfuseCapture) -> None:
+    app = Flask("aborting")
+    app.add_url_rule("/forbidden", "forbidden", lambda: abort(403))
+    LangfuseFlask(app)
+    assert app.test_client().get("/forbidden").status_code == 403
+    root = langfuse_capture.single(name="GET /forbidden")
+    assert (root["level"], root["status_message"]) == ("WARNING", "HTTP 403")
+    assert root["events"] == []
+
+
+def test_stream_with_context_covers_the_whole_body(langfuse_capture: LangfuseCapture) -> None:
+    app = flask_app.build()
+    LangfuseFlask(app)
+    started = time.time_ns()
+    response = app.test_client().get("/stream?delay=0.05")
+    assert response.data == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    response.close()
+    root = langfuse_capture.single(name="GET /stream")
+    assert root["end_time_unix_nano"] - root["start_time_unix_nano"] >= 150_000_000
+    assert root["start_time_unix_nano"] >= started
+    response = app.test_client().get("/stream-ctx", headers={"x-request-id": "rid-9"})
+    assert response.data.startswith(b"rid-9")
+    response.close()
+    child = langfuse_capture.single(name="llm")
+    assert child["parent_span_id"] == langfuse_capture.single(name="GET /stream-ctx")["span_id"]
