@@ -25,6 +25,8 @@ typing: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/asgi_overhead.py
+	$(BIN)/python benchmarks/wsgi_overhead.py
+	$(BIN)/python benchmarks/server_throughput.py
 
 demo: $(STAMP)
 	$(BIN)/python -m demo_apps.run
