@@ -69,6 +69,49 @@ def tree(trace: dict[str, Any]) -> list[str]:
     return lines
 
 
+def start_services(base_url: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """Start pricing, inventory and gateway exporting to ``base_url``; the gateway's URL.
+
+    If one fails to start, those already started are stopped before the error propagates.
+    """
+    ports = {name: free_port() for name in ("gateway", "inventory", "pricing")}
+    env = {
+        **KEYS,
+        "LANGFUSE_BASE_URL": base_url,
+        "LANGFUSE_MW_FLUSH_INTERVAL": "0.2",
+        "PYTHONPATH": str(ROOT),
+        "INVENTORY_URL": f"http://127.0.0.1:{ports['inventory']}",
+        "PRICING_URL": f"http://127.0.0.1:{ports['pricing']}",
+        "DJANGO_SETTINGS_MODULE": "demo_apps.pricing.settings",
+    }
+    commands = {
+        "pricing": ["gunicorn", "demo_apps.pricing.wsgi", "-b", f"127.0.0.1:{ports['pricing']}"],
+        "inventory": ["gunicorn", "demo_apps.inventory:app", "-b",
+                      f"127.0.0.1:{ports['inventory']}"],
+        "gateway": ["uvicorn", "demo_apps.gateway:app", "--port", str(ports["gateway"]),
+                    "--log-level", "warning"],
+    }  # fmt: skip
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, command in commands.items():
+            processes.append(start(name, command, ports[name], env))
+    except BaseException:
+        stop_services(processes)
+        raise
+    return f"http://127.0.0.1:{ports['gateway']}", processes
+
+
+def stop_services(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process, as a deployment would, and wait for them."""
+    for process in reversed(processes):
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep everything running")
@@ -78,28 +121,9 @@ def main() -> int:
                          public_key=KEYS["LANGFUSE_PUBLIC_KEY"],
                          secret_key=KEYS["LANGFUSE_SECRET_KEY"])  # fmt: skip
     receiver.start()
-    ports = {name: free_port() for name in ("gateway", "inventory", "pricing")}
-    env = {
-        **KEYS,
-        "LANGFUSE_BASE_URL": receiver.url,
-        "LANGFUSE_MW_FLUSH_INTERVAL": "0.2",
-        "PYTHONPATH": str(ROOT),
-        "INVENTORY_URL": f"http://127.0.0.1:{ports['inventory']}",
-        "PRICING_URL": f"http://127.0.0.1:{ports['pricing']}",
-        "DJANGO_SETTINGS_MODULE": "demo_apps.pricing.settings",
-    }
-    processes = []
+    processes: list[subprocess.Popen[bytes]] = []
     try:
-        processes.append(start("pricing", ["gunicorn", "demo_apps.pricing.wsgi",
-                               "-b", f"127.0.0.1:{ports['pricing']}", "-w", "1"],
-                               ports["pricing"], env))  # fmt: skip
-        processes.append(start("inventory", ["gunicorn", "demo_apps.inventory:app",
-                               "-b", f"127.0.0.1:{ports['inventory']}", "-w", "1"],
-                               ports["inventory"], env))  # fmt: skip
-        processes.append(start("gateway", ["uvicorn", "demo_apps.gateway:app",
-                               "--port", str(ports["gateway"]), "--log-level", "warning"],
-                               ports["gateway"], env))  # fmt: skip
-        gateway = f"http://127.0.0.1:{ports['gateway']}"
+        gateway, processes = start_services(receiver.url)
         print(f"receiver and viewer: {receiver.url}")
         sessions = ["sess-a", "sess-a", "sess-b", "sess-b"]
         for n, item in enumerate([3, 5, 8, 0]):  # item 0: pricing fails, so does the request
@@ -118,13 +142,7 @@ def main() -> int:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
     finally:
-        for process in reversed(processes):
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_services(processes)
         receiver.stop()
 
 

@@ -3,7 +3,6 @@ exporting real OTLP to the local receiver: one trace, correctly linked, one user
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from demo_apps.run import KEYS, ROOT, free_port, start
+from demo_apps.run import KEYS, start_services, stop_services
 from langfuse_mw.devserver import DevServer
 
 pytestmark = pytest.mark.e2e
@@ -23,30 +22,13 @@ def services() -> Iterator[tuple[DevServer, str]]:
                          public_key=KEYS["LANGFUSE_PUBLIC_KEY"],
                          secret_key=KEYS["LANGFUSE_SECRET_KEY"])  # fmt: skip
     receiver.start()
-    ports = {name: free_port() for name in ("gateway", "inventory", "pricing")}
-    env = {
-        **KEYS,
-        "LANGFUSE_BASE_URL": receiver.url,
-        "LANGFUSE_MW_FLUSH_INTERVAL": "0.1",
-        "PYTHONPATH": str(ROOT),
-        "INVENTORY_URL": f"http://127.0.0.1:{ports['inventory']}",
-        "PRICING_URL": f"http://127.0.0.1:{ports['pricing']}",
-        "DJANGO_SETTINGS_MODULE": "demo_apps.pricing.settings",
-    }
-    processes = []
     try:
-        processes.append(start("pricing", ["gunicorn", "demo_apps.pricing.wsgi", "-b",
-                               f"127.0.0.1:{ports['pricing']}"], ports["pricing"], env))
-        processes.append(start("inventory", ["gunicorn", "demo_apps.inventory:app", "-b",
-                               f"127.0.0.1:{ports['inventory']}"], ports["inventory"], env))
-        processes.append(start("gateway", ["uvicorn", "demo_apps.gateway:app", "--port",
-                               str(ports["gateway"])], ports["gateway"], env))  # fmt: skip
-        yield receiver, f"http://127.0.0.1:{ports['gateway']}"
+        gateway, processes = start_services(receiver.url)
+        try:
+            yield receiver, gateway
+        finally:
+            stop_services(processes)
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            process.wait(10)
         receiver.stop()
 
 
