@@ -125,3 +125,16 @@ def note(text: str) -> None:
 
 def noop(*args: Any) -> None:
     return None
+
+
+def install_runtime(sender: Any) -> None:
+    """Make the process runtime export through ``sender`` (once; later calls keep it)."""
+    from langfuse_mw import runtime
+    from langfuse_mw.config import resolve_settings
+
+    if runtime.current() is None:
+        settings = resolve_settings(
+            {"public_key": "pk-lf-bench", "secret_key": "sk-lf-bench", "base_url": "http://x"}
+        )
+        with runtime._lock:
+            runtime._install(runtime.Runtime(settings, sender=sender))

@@ -40,6 +40,7 @@ from benchmarks._common import (
     EncodingSink,
     cpu_seconds,
     header,
+    install_runtime,
     run_rounds,
     table,
 )
@@ -100,15 +101,9 @@ def driver(app: Any, path: str) -> Callable[[int], float]:
 
 
 def langfuse_mw_app(sink: EncodingSink, excluded: bool = False) -> Any:
-    from langfuse_mw import LangfuseMiddleware, runtime
-    from langfuse_mw.config import resolve_settings
+    from langfuse_mw import LangfuseMiddleware
 
-    if runtime.current() is None:
-        settings = resolve_settings(
-            {"public_key": "pk-lf-bench", "secret_key": "sk-lf-bench", "base_url": "http://x"}
-        )
-        with runtime._lock:
-            runtime._install(runtime.Runtime(settings, sender=sink))
+    install_runtime(sink)
     app = make_app()
     app.add_middleware(LangfuseMiddleware, exclude_paths=["/health"] if excluded else [])
     return app

@@ -30,7 +30,15 @@ from flask import Flask
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from benchmarks._common import EncodingExporter, EncodingSink, header, run_rounds, table
+from benchmarks._common import (
+    EncodingExporter,
+    EncodingSink,
+    header,
+    install_runtime,
+    run_rounds,
+    table,
+)
+from langfuse_mw import runtime
 
 HEADERS = {
     "HTTP_HOST": "bench",
@@ -88,16 +96,9 @@ def driver(app: Any, path: str) -> Callable[[int], float]:
 
 
 def langfuse_mw_app(sink: EncodingSink, excluded: bool = False) -> Any:
-    from langfuse_mw import runtime
-    from langfuse_mw.config import resolve_settings
     from langfuse_mw.flask import LangfuseFlask
 
-    if runtime.current() is None:
-        settings = resolve_settings(
-            {"public_key": "pk-lf-bench", "secret_key": "sk-lf-bench", "base_url": "http://x"}
-        )
-        with runtime._lock:
-            runtime._install(runtime.Runtime(settings, sender=sink))
+    install_runtime(sink)
     app = make_app()
     LangfuseFlask(app, exclude_paths=["/health"] if excluded else [])
     return app
@@ -133,8 +134,6 @@ def main() -> None:
     }
     for run in variants.values():  # warm up imports, caches, threads
         run(300)
-
-    from langfuse_mw import runtime
 
     def settle() -> None:
         runtime.flush(10)
