@@ -28,11 +28,11 @@ def receiver() -> Iterator[DevServer]:
     server.stop()
 
 
-def uvicorn(base_url: str, **env: str) -> Server:
+def uvicorn(base_url: str, workers: int = 1, **env: str) -> Server:
     port = free_port()
     server = Server(
         ["uvicorn", "tests.e2e_asgi_app:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
+         "--log-level", "warning", "--workers", str(workers)],
         port,
         {**KEYS, "LANGFUSE_BASE_URL": base_url, **env},
     )  # fmt: skip
@@ -54,9 +54,10 @@ async def burst(url: str, n: int) -> list[httpx.Response]:
         )
 
 
-def test_sigterm_right_after_a_burst_loses_no_span(receiver: DevServer) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_right_after_a_burst_loses_no_span(receiver: DevServer, workers: int) -> None:
     # A long export interval: only the shutdown path can deliver these in time.
-    server = uvicorn(receiver.url, LANGFUSE_MW_FLUSH_INTERVAL="30")
+    server = uvicorn(receiver.url, workers, LANGFUSE_MW_FLUSH_INTERVAL="30")
     try:
         responses = asyncio.run(burst(server.url, 200))
         assert all(r.status_code == 200 for r in responses)
