@@ -14,8 +14,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without Flask installed
     raise ImportError('langfuse_mw.flask needs Flask: pip install "langfuse-mw[flask]"') from exc
 
+from ._wsgi import Environ, WSGIApp
 from .config import Settings
-from .wsgi import Environ, LangfuseWSGIMiddleware, WSGIApp, note_exception
+from .wsgi import LangfuseWSGIMiddleware, note_exception
 
 __all__ = ["LangfuseFlask"]
 

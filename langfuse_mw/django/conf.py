@@ -11,9 +11,9 @@ from django.conf import settings  # type: ignore[import-untyped]
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
+from .._wsgi import header_keys
 from ..config import resolve_settings
 from ..core import RequestTracer
-from ..wsgi import header_keys
 
 __all__ = ["State", "options", "state"]
 

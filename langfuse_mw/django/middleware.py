@@ -19,8 +19,8 @@ from django.http import Http404, HttpResponse  # type: ignore[import-untyped]
 from django.http.multipartparser import MultiPartParserError  # type: ignore[import-untyped]
 
 from .. import runtime
+from .._wsgi import ResponseBody, content_length, environ_info
 from ..core import Observation
-from ..wsgi import ResponseBody, content_length, environ_info
 from . import conf
 
 __all__ = ["LangfuseMiddleware"]

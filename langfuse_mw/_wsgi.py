@@ -1,0 +1,167 @@
+"""WSGI pieces shared by the WSGI middleware, the Flask extension and the Django middleware."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+from opentelemetry import context as otel_context
+
+from .context import _current as _request_var
+from .core import Observation, RequestInfo, RequestTracer
+
+__all__ = [
+    "ENVIRON_KEY",
+    "HEALTH_HEADERS",
+    "Environ",
+    "ExcInfo",
+    "ResponseBody",
+    "StartResponse",
+    "WSGIApp",
+    "content_length",
+    "environ_info",
+    "header_keys",
+    "request_path",
+]
+
+_T = TypeVar("_T")
+Environ = dict[str, Any]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+# Where the request's state waits for framework hooks (Flask's exception signal).
+ENVIRON_KEY = "langfuse_mw.exchange"
+HEALTH_HEADERS = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+
+
+def header_keys(tracer: RequestTracer) -> dict[str, str]:
+    """Map the environ keys of the headers the core reads (``HTTP_X_REQUEST_ID``) to names."""
+    return {"HTTP_" + name.upper().replace("-", "_"): name for name in tracer.header_names}
+
+
+def environ_info(
+    environ: Mapping[str, Any], keys: Mapping[str, str], method: str, path: str,
+    framework: str, raw: Any,
+) -> RequestInfo:  # fmt: skip
+    """A RequestInfo from a WSGI environ (or Django's ``request.META``: the same keys)."""
+    headers = {name: environ[key] for key, name in keys.items() if key in environ}
+    query = environ.get("QUERY_STRING", "")
+    return RequestInfo(
+        method, path, query, headers, environ.get("REMOTE_ADDR"), framework, "http", raw
+    )
+
+
+def request_path(environ: Mapping[str, Any]) -> str:
+    """The full path, as text: PEP 3333 servers hand over URL-decoded bytes as latin-1."""
+    path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    if not path.isascii():
+        with contextlib.suppress(UnicodeEncodeError):  # a server that gave real text
+            path = path.encode("latin-1").decode("utf-8", "replace")
+    return path
+
+
+class ResponseBody:
+    """The response iterable the server gets: runs the app's iterator in the request's context
+    and counts bytes; the observation ends when the body is complete (exhausted, or all of its
+    Content-Length sent) or at ``close()``, a disconnect if the body was not complete."""
+
+    __slots__ = (
+        "exhausted", "failed", "inner_close", "iterator", "length", "obs", "on_end", "otel_ctx",
+    )  # fmt: skip
+
+    def __init__(
+        self, obs: Observation, iterable: Iterable[bytes], length: int = -1,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.obs = obs
+        self.on_end = on_end or obs.end
+        # Iterated after the view returned and the context was reset: every next() runs with
+        # the request made current again (end() drops the observation's own reference).
+        self.otel_ctx = obs.otel_context
+        self.iterator: Iterator[bytes] = iter(iterable)
+        self.inner_close: Callable[[], object] | None = getattr(iterable, "close", None)
+        self.length = length
+        self.exhausted = self.failed = False
+
+    def __iter__(self) -> ResponseBody:
+        return self
+
+    def __next__(self) -> bytes:
+        obs = self.obs
+        try:
+            chunk: bytes = self.run(next, self.iterator)
+        except StopIteration:
+            self.complete()
+            raise
+        except Exception as exc:
+            self.fail(exc)
+            raise
+        obs.add_body(len(chunk))
+        if 0 <= self.length <= obs.bytes_sent and not obs.ended:
+            # Every byte announced is out: complete, even if nobody asks for the end (test
+            # clients read one chunk and keep the response open).
+            self.complete()
+        return chunk
+
+    def close(self) -> None:
+        try:
+            if self.inner_close is not None:
+                self.run(self.inner_close)
+        except Exception as exc:
+            self.fail(exc)
+            raise
+        finally:
+            if not self.obs.ended:
+                if not (self.exhausted or self.failed):
+                    # Servers close early when writing failed: the client went away.
+                    self.obs.mark_disconnected()
+                self.finish()
+
+    def __del__(self) -> None:
+        # A server (or test client) that drops the iterable without close() still ends it.
+        if not self.obs.ended:
+            # The app's own close() may fail: recorded, and nobody to raise to.
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Call ``fn`` with the request current again, in the caller's own context.
+
+        Not in a copy of the view's context: apps that set a context variable in the view and
+        reset it while streaming (Flask 2.3's stream_with_context) need the caller's context."""
+        tokens = self.attach()
+        try:
+            return fn(*args)
+        finally:
+            self.release(tokens)
+
+    def attach(self) -> tuple[Any, Any]:
+        """Make the request current again; give the result to ``release``."""
+        otel_ctx = self.otel_ctx
+        otel_token = otel_context.attach(otel_ctx) if otel_ctx is not None else None
+        return _request_var.set(self.obs), otel_token
+
+    def release(self, tokens: tuple[Any, Any]) -> None:
+        if tokens[1] is not None:
+            otel_context.detach(tokens[1])
+        _request_var.reset(tokens[0])
+
+    def complete(self) -> None:
+        self.exhausted = True
+        self.finish()
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed = True
+        self.obs.record_exception(exc)
+        self.finish()
+
+    def finish(self) -> None:
+        self.on_end()
+
+
+def content_length(value: str | None) -> int:
+    """The Content-Length header as an int, -1 when absent or not a number."""
+    return int(value) if value is not None and value.isdigit() else -1
