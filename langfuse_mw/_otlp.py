@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ __all__ = [
     "SpanDict",
     "any_value",
     "attributes",
+    "decode_json",
     "decode_protobuf",
     "json_any_value",
     "json_attributes",
@@ -219,3 +221,13 @@ def _nanos(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
+
+
+def decode_json(value: Any) -> Any:
+    """Langfuse stores raw strings and JSON-decodes them on read; other values pass through."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

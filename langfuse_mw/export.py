@@ -220,7 +220,6 @@ class ExportQueue:
         self._wake = threading.Event()
         self._idle = threading.Condition(threading.Lock())
         self._in_flight = 0
-        self._flush_requested = 0
         self._stop = False
         self._abandoned = False
         self._deadline = float("inf")

@@ -12,7 +12,6 @@ HTTP call to Langfuse is replaced by decoding the encoded batch back into plain 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -31,24 +30,20 @@ CAPTURE_SECRET_KEY = "sk-lf-capture"
 _META = "langfuse.observation.metadata."
 
 
-def _json(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
 def view(span: dict[str, Any]) -> dict[str, Any]:
     """Add the fields Langfuse derives from a span's attributes (input, metadata, level...)."""
+    # Imported here: the pytest plugin loads this module in every test run.
+    from ._otlp import decode_json
+
     attrs = span["attributes"]
     return {
         **span,
-        "input": _json(attrs.get("langfuse.observation.input")),
-        "output": _json(attrs.get("langfuse.observation.output")),
+        "input": decode_json(attrs.get("langfuse.observation.input")),
+        "output": decode_json(attrs.get("langfuse.observation.output")),
         "metadata": {
-            key[len(_META) :]: _json(value) for key, value in attrs.items() if key.startswith(_META)
+            key[len(_META) :]: decode_json(value)
+            for key, value in attrs.items()
+            if key.startswith(_META)
         },
         "level": attrs.get("langfuse.observation.level", "DEFAULT"),
         "status_message": attrs.get("langfuse.observation.status_message"),

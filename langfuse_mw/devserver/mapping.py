@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from .._otlp import SpanDict
+from .._otlp import SpanDict, decode_json
 
 __all__ = [
     "LEVELS",
@@ -250,16 +250,6 @@ def _any_value_json(value: Any) -> dict[str, Any]:
 def langfuse_attributes(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """Span attributes converted the way Langfuse converts them before any rule reads them."""
     return {key: _js_value(value) for key, value in attrs.items()}
-
-
-def decode_json(value: Any) -> Any:
-    """Langfuse stores raw strings and JSON-decodes them on read; other values pass through."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 def _meaningful(value: Any) -> bool:
