@@ -94,10 +94,12 @@ class LangfuseMiddleware:
 class _Exchange:
     """Per-request state between the server and the app (never on the middleware)."""
 
-    __slots__ = (
-        "_completed_ns", "_disconnect", "_inbox", "_pump", "_reading", "_receive", "_send",
-        "echo", "mw", "obs", "path", "root_path", "scope", "top_app",
-    )  # fmt: skip
+    # Class-level defaults: most requests never stream, so never set the pump's state.
+    _completed_ns = 0
+    _reading = 0
+    _inbox: asyncio.Queue[Message] | None = None
+    _pump: asyncio.Task[None] | None = None
+    _disconnect: Message | None = None
 
     def __init__(self, mw: LangfuseMiddleware, obs: Observation, scope: Scope,
                  receive: Receive, send: Send) -> None:  # fmt: skip
@@ -110,16 +112,12 @@ class _Exchange:
         echo = mw.settings.echo_request_id
         # Request ids are printable ASCII by construction (core._check_request_id).
         self.echo = (mw._rid_name, obs.request_id.encode("ascii")) if echo else None
-        self._completed_ns = 0
-        self._reading = 0
-        self._inbox: asyncio.Queue[Message] | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._disconnect: Message | None = None
 
     def finish(self) -> None:
         obs = self.obs
         if not obs.ended:
-            obs.set_route(route_template(self.scope, self.top_app, self.path, self.root_path))
+            if obs.exported_if_ended(self._completed_ns):  # a dropped one needs no name
+                obs.set_route(route_template(self.scope, self.top_app, self.path, self.root_path))
             obs.end(self._completed_ns)
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.baggage import _BAGGAGE_KEY
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceState
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from . import _failsafe, runtime
@@ -34,7 +34,7 @@ from .context import RequestContext
 from .context import _current as _request_var
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
-from .propagation import TrustPolicy, read_incoming
+from .propagation import Incoming, TrustPolicy, read_incoming
 from .sampling import Sampler
 
 __all__ = ["Observation", "RequestInfo", "RequestTracer"]
@@ -44,7 +44,18 @@ MAX_CUSTOM_ID = 1024
 
 _SAMPLED = otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = otel_trace.TraceFlags(otel_trace.TraceFlags.DEFAULT)
+_NO_TRACE_STATE = otel_trace.DEFAULT_TRACE_STATE
 _getrandbits = random.getrandbits
+_time_ns = time.time_ns
+_new_tuple = tuple.__new__
+
+
+def _span_context(trace_id: int, span_id: int, sampled: bool, state: TraceState) -> SpanContext:
+    # SpanContext(...) re-validates ids we made valid (non-zero, in range) and costs ~1 µs;
+    # this builds the same tuple: (trace_id, span_id, is_remote, flags, state, is_valid).
+    flags = _SAMPLED if sampled else _NOT_SAMPLED
+    return _new_tuple(SpanContext, (trace_id, span_id, False, flags, state, True))
+
 
 # Attribute names Langfuse reads (shared/LANGFUSE_OTEL.md §6).
 A_TYPE = "langfuse.observation.type"
@@ -100,6 +111,9 @@ class RequestTracer:
         self.trust = TrustPolicy(settings.trust_incoming, settings.trusted_networks)
         self.sampler = Sampler(settings.sample_rate, settings.sample_rules)
         self._slow_ns = int(settings.slow_threshold * 1e9)
+        self._identity_callables = (
+            settings.user_id_from is not None or settings.session_id_from is not None
+        )
         names = {
             settings.request_id_header,
             "traceparent",
@@ -136,69 +150,74 @@ class RequestTracer:
             return None
 
     def _begin(self, info: RequestInfo, rt: runtime.Runtime) -> Observation:
-        settings = self.settings
         headers = info.headers
+        trust = self.trust
+        peer_trusted = trust.peer_trusted(info.client_ip) if trust.networks else True
+        incoming = read_incoming(headers, trust.mode if peer_trusted else "ignore")
+        parent = incoming.parent
+        # Continued traces follow the caller's decision, so a trace is never half-recorded;
+        # a trace that starts here is sampled by its id, like OpenTelemetry's ratio sampler,
+        # so every service deciding by the same rate agrees.
+        if parent is not None:
+            trace_id = parent.trace_id
+            trace_state = parent.trace_state
+            sampled = parent.trace_flags.sampled
+        else:
+            trace_id = _getrandbits(128) or 1
+            trace_state = _NO_TRACE_STATE
+            sampled = self.sampler.keeps(trace_id, info.path)
+        span_context = _span_context(trace_id, _getrandbits(64) or 1, sampled, trace_state)
         request_id = headers.get(self.request_id_header)
         if request_id is None:
             request_id = new_request_id()
         elif not self._check_request_id(request_id):
             _failsafe.reject("request_id")
             request_id = new_request_id()
-        trust = self.trust
-        peer_trusted = trust.peer_trusted(info.client_ip) if trust.networks else True
-        incoming = read_incoming(headers, trust.mode if peer_trusted else "ignore")
-        user_id = self._identity(
-            settings.user_id_from, settings.user_id_header, info, "user_id",
-            incoming.user_id, peer_trusted,
-        )  # fmt: skip
-        session_id = self._identity(
-            settings.session_id_from, settings.session_id_header, info, "session_id",
-            incoming.session_id, peer_trusted,
-        )  # fmt: skip
-
-        parent = incoming.parent
-        span_id = _getrandbits(64) or 1
+        obs = Observation(self, rt, info, request_id, span_context, parent, sampled)
         if parent is not None:
-            trace_id = parent.trace_id
-            trace_state = parent.trace_state
-        else:
-            trace_id = _getrandbits(128) or 1
-            trace_state = None
-        # Continued traces follow the caller's decision, so a trace is never half-recorded;
-        # a trace that starts here is sampled by its id, like OpenTelemetry's ratio sampler,
-        # so every service deciding by the same rate agrees.
-        if parent is not None:
-            sampled = parent.trace_flags.sampled
-        else:
-            sampled = self.sampler.keeps(trace_id, info.path)
-        span_context = SpanContext(
-            trace_id, span_id, False, _SAMPLED if sampled else _NOT_SAMPLED, trace_state
-        )
+            obs.claimed = incoming.claims(trace_id)
+        if incoming.linked is not None:
+            obs.linked = incoming.linked
 
         # The request's OTel context, built in one go (each set_value copies the mapping):
-        # the span children nest under; baggage to pass on (the caller's, minus langfuse's own
-        # entries, plus the langfuse SDK's claim that this trace's root is exported, so
-        # children don't mark themselves app root); and the user/session the SDK copies onto
-        # every child observation (propagate_attributes' context keys).
-        baggage = incoming.forwardable() if incoming.baggage else {}
-        baggage[BAGGAGE_TRACE_ID] = f"{trace_id:032x}"
-        values: dict[str, object] = {
-            _SPAN_KEY: NonRecordingSpan(span_context),
-            _BAGGAGE_KEY: baggage,
-        }
-        if user_id is not None:
-            values[CTX_USER] = user_id
-        if session_id is not None:
-            values[CTX_SESSION] = session_id
-        ctx = otel_context.Context(values)
-
-        obs = Observation(self, rt, info, request_id, user_id, session_id, span_context, parent)
-        obs.otel_context = ctx
-        obs.linked = incoming.linked
-        obs.claimed = parent is not None and incoming.claims(trace_id)
+        # the span children nest under and the baggage to pass on (the caller's, minus
+        # langfuse's own entries).
+        values: dict[str, object] = {_SPAN_KEY: NonRecordingSpan(span_context)}
+        baggage = incoming.forwardable() if incoming.baggage else None
+        if sampled or self._identity_callables:
+            self._resolve_identities(obs, incoming, peer_trusted)
+        else:
+            # Not sampled: its children are not recorded and it is exported only if it fails
+            # or is slow, so user and session (from headers) are read when someone asks.
+            obs.pending = (incoming, peer_trusted)
+        if sampled:
+            # The langfuse SDK's claim that this trace's root is exported (so children don't
+            # mark themselves app root), and the user/session it copies onto every child
+            # observation (propagate_attributes' context keys).
+            if baggage is None:
+                baggage = {}
+            baggage[BAGGAGE_TRACE_ID] = f"{trace_id:032x}"
+            if obs.user_id is not None:
+                values[CTX_USER] = obs.user_id
+            if obs.session_id is not None:
+                values[CTX_SESSION] = obs.session_id
+        if baggage is not None:
+            values[_BAGGAGE_KEY] = baggage
+        ctx = obs.otel_context = otel_context.Context(values)
         obs._otel_token = otel_context.attach(ctx)
         obs._request_token = _request_var.set(obs)
         return obs
+
+    def _resolve_identities(self, obs: Observation, incoming: Incoming, trusted: bool) -> None:
+        settings, info = self.settings, obs.info
+        obs.user_id = self._identity(
+            settings.user_id_from, settings.user_id_header, info, "user_id",
+            incoming.user_id, trusted,
+        )  # fmt: skip
+        obs.session_id = self._identity(
+            settings.session_id_from, settings.session_id_header, info, "session_id",
+            incoming.session_id, trusted,
+        )  # fmt: skip
 
     def _check_request_id(self, value: str) -> bool:
         # Whatever a custom validator accepts, the id is echoed in a header and logged:
@@ -254,13 +273,29 @@ class Observation(SpanRecord):
     """
 
     KIND = SpanKind.SERVER
-    __slots__ = (
-        "_otel_token", "_request_context", "_request_token", "bytes_sent", "claimed",
-        "disconnected", "end_ns", "ended", "error", "error_event", "exception",
-        "first_byte_ns", "info", "kept_by", "linked", "otel_context", "parent", "request_id",
-        "resource", "route", "rt", "scope", "session_id", "span_context", "start_ns", "status",
-        "tracer", "user_id",
-    )  # fmt: skip
+    # Plain attributes with class-level defaults rather than slots: a request sets only the
+    # handful it needs, the rest are read from the class.
+    route: str | None = None
+    status: int | None = None
+    exception: BaseException | None = None
+    error: str | None = None
+    error_event: dict[str, str] | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    bytes_sent = 0
+    first_byte_ns = 0
+    disconnected = False
+    linked: SpanContext | None = None
+    kept_by: str | None = None
+    claimed = False
+    ended = False
+    end_ns = 0
+    # (incoming context, peer trusted) while user and session are still to be read.
+    pending: tuple[Incoming, bool] | None = None
+    _request_context: RequestContext | None = None
+    otel_context: otel_context.Context | None = None
+    _otel_token: Any = None
+    _request_token: Any = None
 
     def __init__(
         self,
@@ -268,44 +303,32 @@ class Observation(SpanRecord):
         rt: runtime.Runtime,
         info: RequestInfo,
         request_id: str,
-        user_id: str | None,
-        session_id: str | None,
         span_context: SpanContext,
         parent: SpanContext | None,
+        sampled: bool,
     ) -> None:
         self.tracer = tracer
         self.rt = rt
-        self.resource = rt.resource
-        self.scope = rt.scope
         self.info = info
         self.request_id = request_id
-        self.user_id = user_id
-        self.session_id = session_id
         self.span_context = span_context
         self.parent = parent
-        self.route: str | None = None
-        self.status: int | None = None
-        self.exception: BaseException | None = None
-        self.error: str | None = None
-        self.error_event: dict[str, str] | None = None
-        self.bytes_sent = 0
-        self.first_byte_ns = 0
-        self.disconnected = False
-        self.linked: SpanContext | None = None
-        self.kept_by: str | None = None
-        self.claimed = False
-        self.ended = False
-        self.start_ns = time.time_ns()
-        self.end_ns = 0
-        self._request_context: RequestContext | None = None
-        self.otel_context: otel_context.Context | None = None
-        self._otel_token: Any = None
-        self._request_token: Any = None
+        self.sampled = sampled
+        self.resource = rt.resource
+        self.scope = rt.scope
+        self.start_ns = _time_ns()
+
+    def _identities(self) -> None:
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self.tracer._resolve_identities(self, *pending)
 
     def request_context(self) -> RequestContext:
         """The public view of this request's ids (built on first use)."""
         ctx = self._request_context
         if ctx is None:
+            self._identities()
             span = self.span_context
             ctx = self._request_context = RequestContext(
                 self.request_id,
@@ -359,38 +382,54 @@ class Observation(SpanRecord):
             return
         self.ended = True
         try:
-            self.end_ns = end_ns or time.time_ns()
+            self.end_ns = end_ns or _time_ns()
             exc = self.exception
             if exc is not None:
                 # Format now and let go of the traceback: it keeps the request's frames alive.
                 self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
                 self.error_event = exception_attributes(exc)
                 self.exception = None
-            # Only what the export needs stays referenced while the span waits in the queue
-            # (fewer live objects for the garbage collector to walk).
-            self.info.raw = None
-            self.otel_context = self._request_context = None
-            if not self.span_context.trace_flags.sampled:
+            if not self.sampled:
                 # Not sampled: exported anyway when it failed or was slow (its children were
                 # not recorded, but the request itself is never invisible).
-                self.kept_by = self._kept_by()
+                self.kept_by = self._kept_by(self.end_ns)
                 if self.kept_by is None:
+                    self._release()
                     return
+                self._identities()
+            self._release()
             queue = self.rt.queue
             if queue is not None:
-                queue.emit(self, self.approx_size(), self.is_error())
+                status = self.status
+                error = self.error is not None or (status is not None and status >= 500)
+                queue.emit(self, self.approx_size(), error)
         except Exception as exc:
             _failsafe.report("end", exc)
+
+    def _release(self) -> None:
+        # Only what the export needs stays referenced while the span waits in the queue
+        # (fewer live objects for the garbage collector to walk).
+        self.info.raw = None
+        if self.otel_context is not None:
+            self.otel_context = None
+        if self._request_context is not None:
+            self._request_context = None
 
     def approx_size(self) -> int:
         info = self.info
         return 900 + len(info.path) + len(info.query) + len(info.headers.get("user-agent", ""))
 
-    def _kept_by(self) -> str | None:
-        if self.error is not None or (self.status is not None and self.status >= 500):
+    def exported_if_ended(self, end_ns: int) -> bool:
+        """Whether ending now would export it (adapters skip costly details otherwise)."""
+        return self.sampled or self._kept_by(end_ns) is not None
+
+    def _kept_by(self, end_ns: int) -> str | None:
+        if self.error is not None or self.exception is not None:
+            return "error"
+        if self.status is not None and self.status >= 500:
             return "error"
         slow = self.tracer._slow_ns
-        if slow and self.end_ns - self.start_ns >= slow:
+        if slow and (end_ns or _time_ns()) - self.start_ns >= slow:
             return "slow"
         return None
 

@@ -234,9 +234,15 @@ def begin_call(
     if not parent.is_valid and not trace_outside_requests:
         return None, {}
     request = get_request_context()
+    # The SDK's propagated user/session (set for sampled requests, or by the handler), else
+    # the request's own (a sampled-out request leaves them out of its OTel context).
     user_id = _text(otel_context.get_value(CTX_USER, ctx))
     session_id = _text(otel_context.get_value(CTX_SESSION, ctx))
-    request_id = request.request_id if request is not None else None
+    request_id = None
+    if request is not None:
+        request_id = request.request_id
+        user_id = user_id if user_id is not None else request.user_id
+        session_id = session_id if session_id is not None else request.session_id
     base, _, query = url.partition("?")
     shown = f"{base}?{redact_query(query, redact)}" if query else base
     call = OutboundCall(rt, parent, method, shown, host, user_id, session_id, request_id)
