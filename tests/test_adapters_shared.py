@@ -330,6 +330,23 @@ def test_request_context_is_set_for_the_view_and_reset_after(
     assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN
 
 
+def test_sampled_out_requests_keep_their_ids_and_failures_keep_their_user(
+    langfuse_capture: LangfuseCapture, adapter: Adapter
+) -> None:
+    call = traced(adapter, sample_rate=0.0)
+    ids = [(b"x-user-id", b"u-out"), (b"x-session-id", b"s-out"), (b"x-request-id", b"r-out")]
+    result = call("/ctx", headers=ids)
+    seen = json.loads(result.body)
+    assert (seen["request_id"], seen["user_id"], seen["session_id"]) == ("r-out", "u-out", "s-out")
+    assert langfuse_capture.spans() == []
+    call("/boom", headers=ids)
+    root = langfuse_capture.single(name=f"GET {adapter.template('/boom')}")
+    assert (root["user_id"], root["session_id"]) == ("u-out", "s-out")
+    assert root["metadata"]["requestId"] == "r-out"
+    assert root["metadata"]["keptBy"] == "error"
+    assert root["level"] == "ERROR"
+
+
 def test_streamed_body_runs_in_the_request_context(
     langfuse_capture: LangfuseCapture, adapter: Adapter
 ) -> None:

@@ -35,8 +35,8 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def in_request(**headers: str) -> Iterator[Observation]:
-    tracer = RequestTracer(resolve_settings({}))
+def in_request(sample_rate: float = 1.0, **headers: str) -> Iterator[Observation]:
+    tracer = RequestTracer(resolve_settings({"sample_rate": sample_rate}))
     info = RequestInfo(
         "GET", "/checkout", headers={k.replace("_", "-"): v for k, v in headers.items()}
     )
@@ -97,6 +97,21 @@ async def test_internal_target_gets_trace_context_and_ids(
     }
     assert call["metadata"] == {"host": "inventory", "requestId": "req-1"}
     assert call["kind"] == 3  # SPAN_KIND_CLIENT
+
+
+async def test_a_sampled_out_request_passes_its_decision_and_ids_on(
+    langfuse_capture: LangfuseCapture, get: Any
+) -> None:
+    recorder = Recorder()
+    with in_request(sample_rate=0.0, x_user_id="u-1", x_session_id="s-1", x_request_id="r-1"):
+        await get("http://inventory:8000/stock/7", recorder)
+    sent = recorder.requests[0].headers
+    assert sent["traceparent"].endswith("-00")  # the callee follows the decision
+    entries = dict(item.split("=") for item in sent["baggage"].split(","))
+    # If the callee fails it is exported anyway, with the caller's user and session.
+    assert entries == {"langfuse_user_id": "u-1", "langfuse_session_id": "s-1"}
+    assert sent["x-request-id"] == "r-1"
+    assert langfuse_capture.spans() == []
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -68,6 +69,26 @@ async def test_sampled_out_requests_export_nothing_of_their_children() -> None:
         result = await call(app, "/items/1", headers=[(b"x-user-id", b"u")])
         assert result.status == 200 and result.header(b"x-request-id")
         assert capture.spans() == []
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+async def test_sampled_out_requests_keep_their_ids_and_failures_keep_their_user(
+    framework: str,
+) -> None:
+    ids = [(b"x-user-id", b"u-out"), (b"x-session-id", b"s-out"), (b"x-request-id", b"r-out")]
+    with capture_langfuse() as capture:
+        app = traced_app(framework, sample_rate=0.0)
+        seen = json.loads((await call(app, "/ctx", headers=ids)).body)
+        assert (seen["request_id"], seen["user_id"], seen["session_id"]) == (
+            "r-out", "u-out", "s-out",
+        )  # fmt: skip
+        assert capture.spans() == []
+        await call(app, "/boom", headers=ids)
+        root = capture.single(name="GET /boom")
+        assert (root["user_id"], root["session_id"]) == ("u-out", "s-out")
+        assert root["metadata"]["requestId"] == "r-out"
+        assert root["metadata"]["route"] == "/boom"
+        assert root["metadata"]["keptBy"] == "error"
 
 
 async def test_per_route_rules_and_slow_requests() -> None:
