@@ -65,21 +65,22 @@ def _run_devserver(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"langfuse-mw devserver: cannot listen on {args.host}:{args.port}: {exc}",
               file=sys.stderr)  # fmt: skip
         return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    # Handlers first: whoever reads the URL below may stop us at once (a script, a test).
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
     print(f"langfuse-mw devserver listening on {server.url}  (viewer: {server.url}/)", file=out)
     print("Point an app at it with:", file=out)
     print(f"  export LANGFUSE_BASE_URL={server.url}", file=out)
     print(f"  export LANGFUSE_PUBLIC_KEY={args.public_key}", file=out)
     print(f"  export LANGFUSE_SECRET_KEY={args.secret_key}", file=out)
     print("Ctrl-C to stop.", file=out, flush=True)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
     try:
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
             pass
