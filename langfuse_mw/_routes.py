@@ -19,6 +19,9 @@ _MAX_DEPTH = 8
 # id(route) -> (route, template). The route is kept so its id cannot be reused while cached;
 # Starlette routes compare by value, so they cannot be dict keys themselves.
 _cache: dict[int, tuple[Any, str]] = {}
+# id(endpoint) -> (endpoint, number of top-level routes when looked up, template or None when
+# the endpoint serves several routes or sits in a Mount, where only a re-match can tell).
+_by_endpoint: dict[int, tuple[Any, int, str | None]] = {}
 
 
 def route_template(scope: Scope, top_app: Any, path: str, root_path: str) -> str | None:
@@ -33,11 +36,15 @@ def route_template(scope: Scope, top_app: Any, path: str, root_path: str) -> str
     route = scope.get("route")
     if route is not None:
         return _located(route, top_app)
-    if scope.get("endpoint") is None:
+    endpoint = scope.get("endpoint")
+    if endpoint is None:
         return None  # no router matched: a 404 costs nothing more
     routes = getattr(top_app, "routes", None)
     if routes is None:
         return None
+    template = _unique_route(endpoint, routes)
+    if template is not None:
+        return template
     scratch = {
         "type": scope.get("type", "http"),
         "path": path,
@@ -46,6 +53,47 @@ def route_template(scope: Scope, top_app: Any, path: str, root_path: str) -> str
         "headers": scope.get("headers", []),
     }
     return _rematch(routes, scratch, "", 0)
+
+
+def _unique_route(endpoint: Any, routes: Any) -> str | None:
+    # Starlette 1.x says which endpoint matched, not which route: an endpoint that serves
+    # exactly one plain route names it without re-matching the request (~4 µs saved).
+    try:
+        count = len(routes)
+    except TypeError:
+        return None
+    hit = _by_endpoint.get(id(endpoint))
+    if hit is not None and hit[0] is endpoint and hit[1] == count:
+        return hit[2]
+    found: list[str] = []
+    _serving(routes, endpoint, "", 0, found)
+    template = found[0] if len(found) == 1 and found[0] else None
+    if len(_by_endpoint) < _CACHE_LIMIT:
+        _by_endpoint[id(endpoint)] = (endpoint, count, template)
+    return template
+
+
+def _serving(routes: Any, endpoint: Any, prefix: str, depth: int, found: list[str]) -> None:
+    # Every route under ``routes`` whose endpoint is ``endpoint``; "" marks a Mount serving it.
+    if depth > _MAX_DEPTH:
+        found.append("")
+        return
+    for candidate in routes:
+        path = getattr(candidate, "path", None)
+        if not isinstance(path, str):
+            if hasattr(candidate, "routes"):
+                found.append("")  # a Host router: leave it to the re-match
+            continue
+        if _is_mount(candidate):
+            if getattr(candidate, "app", None) is endpoint:
+                found.append("")
+            try:
+                children = candidate.routes
+            except Exception:
+                continue
+            _serving(children, endpoint, prefix + path, depth + 1, found)
+        elif getattr(candidate, "endpoint", None) is endpoint:
+            found.append(prefix + path or "/")
 
 
 def _located(route: Any, top_app: Any) -> str | None:

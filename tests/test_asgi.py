@@ -568,3 +568,32 @@ async def test_opt_in_health_endpoint(langfuse_capture: LangfuseCapture) -> None
     langfuse_capture.spans()  # flush
     assert [s["name"] for s in langfuse_capture.spans()] == ["GET /hello"]  # not traced itself
     assert (await call(traced_app("starlette"), "/_langfuse/health")).status == 404
+
+
+async def test_one_endpoint_behind_several_routes_is_named_after_the_one_that_matched(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Mount, Route
+
+    from langfuse_mw import LangfuseMiddleware
+
+    async def shared(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def single(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Route("/a/{x}", shared),
+            Mount("/v2", routes=[Route("/b/{y}", shared), Route("/c", single)]),
+        ]
+    )
+    app.add_middleware(LangfuseMiddleware)
+    for path in ("/a/1", "/v2/b/2", "/v2/c", "/a/3", "/v2/b/4"):
+        assert (await call(app, path)).status == 200
+    names = [span["name"] for span in langfuse_capture.spans()]
+    assert names == ["GET /a/{x}", "GET /v2/b/{y}", "GET /v2/c", "GET /a/{x}", "GET /v2/b/{y}"]
