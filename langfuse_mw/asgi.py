@@ -22,7 +22,7 @@ class LangfuseMiddleware:
     ``app.add_middleware(LangfuseMiddleware, **options)`` or ``LangfuseMiddleware(app, **options)``.
     """
 
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, /, **options: Any) -> None:
         self.app = app
         self.settings = resolve_settings(options)
         self.tracer = RequestTracer(self.settings)
