@@ -14,14 +14,14 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m mypy --strict langfuse_mw
+	$(BIN)/python -m mypy --strict langfuse_mw benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 
 typing: $(STAMP)
-	$(BIN)/python -m mypy --strict langfuse_mw
+	$(BIN)/python -m mypy --strict langfuse_mw benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/asgi_overhead.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import gzip
+import os
 import platform
 import statistics
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from langfuse_mw.export import HttpSender, Item, Outcome
 
@@ -127,6 +128,13 @@ def noop(*args: Any) -> None:
     return None
 
 
+# Every exporter holds a whole round and exports only when flushed between rounds, so the
+# request-path table times the request's thread alone (a batch exported mid-round would land
+# in whichever request held the GIL). The total-CPU table flushes inside the measurement.
+ROUND_CAPACITY = 1_000_000
+os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", str(ROUND_CAPACITY))  # the naive client's
+
+
 def install_runtime(sender: Any) -> None:
     """Make the process runtime export through ``sender`` (once; later calls keep it)."""
     from langfuse_mw import runtime
@@ -134,7 +142,34 @@ def install_runtime(sender: Any) -> None:
 
     if runtime.current() is None:
         settings = resolve_settings(
-            {"public_key": "pk-lf-bench", "secret_key": "sk-lf-bench", "base_url": "http://x"}
-        )
+            {
+                "public_key": "pk-lf-bench", "secret_key": "sk-lf-bench", "base_url": "http://x",
+                "preset": "production", "sample_rate": 1.0, "max_queue_size": ROUND_CAPACITY,
+                "max_batch_size": ROUND_CAPACITY, "flush_interval": 3600.0,
+            }
+        )  # fmt: skip
         with runtime._lock:
             runtime._install(runtime.Runtime(settings, sender=sender))
+
+
+def deferred_processor(exporter: SpanExporter) -> BatchSpanProcessor:
+    """An OpenTelemetry batch processor that exports when flushed (like our runtime above)."""
+    return BatchSpanProcessor(
+        exporter,
+        max_queue_size=ROUND_CAPACITY,
+        max_export_batch_size=ROUND_CAPACITY,
+        schedule_delay_millis=3_600_000,
+    )
+
+
+def with_cpu(run: Callable[[int], float], flush: Callable[[], Any]) -> Callable[[int], float]:
+    """``run`` measured in process CPU seconds, its export (``flush``) included."""
+
+    def measured(n: int) -> float:
+        flush()
+        before = cpu_seconds()
+        run(n)
+        flush()
+        return cpu_seconds() - before
+
+    return measured

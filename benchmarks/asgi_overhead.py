@@ -3,14 +3,16 @@
 Variants, alternated round by round:
   bare                        the app alone
   langfuse_mw                 LangfuseMiddleware, 100 % traced, user/session/request id
+  langfuse_mw (not sampled)   sample_rate=0: a request the sampler drops (kept only if it fails)
   langfuse_mw (excluded path) a request LangfuseMiddleware skips (exclude_paths)
   otel asgi (1 span)          opentelemetry-instrumentation-asgi, exclude_spans=receive/send
   naive langfuse (docs)       the @app.middleware("http") example from the Langfuse docs
                               (BaseHTTPMiddleware + start_as_current_observation)
 
-Every tracing variant exports through a sink that encodes OTLP protobuf in the background
-(only the network is left out). Printed: request-path µs/request (wall, median of rounds),
-and total CPU µs/request including the export thread.
+Every tracing variant exports through a sink that encodes and gzips OTLP protobuf (only the
+network is left out). Printed: the request path (wall µs/request on the request's thread,
+every exporter holding the round and exporting between rounds), and total CPU µs/request
+with the export included; medians of alternating rounds, min-max and ratios.
 
     python benchmarks/asgi_overhead.py [--rounds 7] [--requests 3000]
 """
@@ -27,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from langfuse import Langfuse
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -36,14 +38,17 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from benchmarks._common import (
+    ROUND_CAPACITY,
     EncodingExporter,
     EncodingSink,
-    cpu_seconds,
+    deferred_processor,
     header,
     install_runtime,
     run_rounds,
     table,
+    with_cpu,
 )
+from langfuse_mw import runtime
 
 HEADERS = [
     (b"host", b"bench"),
@@ -100,20 +105,18 @@ def driver(app: Any, path: str) -> Callable[[int], float]:
     return run
 
 
-def langfuse_mw_app(sink: EncodingSink, excluded: bool = False) -> Any:
+def langfuse_mw_app(sink: EncodingSink, **options: Any) -> Any:
     from langfuse_mw import LangfuseMiddleware
 
     install_runtime(sink)
     app = make_app()
-    app.add_middleware(LangfuseMiddleware, exclude_paths=["/health"] if excluded else [])
+    app.add_middleware(LangfuseMiddleware, **options)
     return app
 
 
-def otel_app(exporter: EncodingExporter) -> Any:
+def otel_app(provider: TracerProvider) -> Any:
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
     app = make_app()
     app.add_middleware(
         OpenTelemetryMiddleware, tracer_provider=provider, exclude_spans=["receive", "send"]
@@ -121,16 +124,9 @@ def otel_app(exporter: EncodingExporter) -> Any:
     return app
 
 
-def naive_app(exporter: EncodingExporter) -> Any:
-    from langfuse import Langfuse, propagate_attributes
+def naive_app(client: Any) -> Any:
+    from langfuse import propagate_attributes
 
-    client = Langfuse(
-        public_key="pk-lf-naive",
-        secret_key="sk-lf-naive",
-        base_url="http://127.0.0.1:9",
-        tracer_provider=TracerProvider(),
-        span_exporter=exporter,
-    )
     app = make_app()
 
     async def langfuse_middleware(request: Request, call_next: Any) -> Response:
@@ -165,53 +161,57 @@ def main() -> None:
     )  # fmt: skip
     sink = EncodingSink()
     otel_exporter, naive_exporter = EncodingExporter(), EncodingExporter()
+    otel_provider = TracerProvider()
+    otel_provider.add_span_processor(deferred_processor(otel_exporter))
+    naive_client = Langfuse(
+        public_key="pk-lf-naive",
+        secret_key="sk-lf-naive",
+        base_url="http://127.0.0.1:9",
+        tracer_provider=TracerProvider(),
+        span_exporter=naive_exporter,
+        flush_at=ROUND_CAPACITY,
+        flush_interval=3600,
+    )
     variants = {
         "bare": driver(make_app(), "/items/1"),
         "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
-        "langfuse_mw (excluded path)": driver(langfuse_mw_app(sink, excluded=True), "/health"),
-        "otel asgi (1 span)": driver(otel_app(otel_exporter), "/items/1"),
-        "naive langfuse (docs)": driver(naive_app(naive_exporter), "/items/1"),
+        "langfuse_mw (not sampled)": driver(langfuse_mw_app(sink, sample_rate=0.0), "/items/1"),
+        "langfuse_mw (excluded path)": driver(
+            langfuse_mw_app(sink, exclude_paths=["/health"]), "/health"
+        ),
+        "otel asgi (1 span)": driver(otel_app(otel_provider), "/items/1"),
+        "naive langfuse (docs)": driver(naive_app(naive_client), "/items/1"),
     }
-    for run in variants.values():  # warm up imports, caches, threads
-        run(300)
-
-    from langfuse_mw import runtime
+    flushes: dict[str, Callable[[], Any]] = {
+        "langfuse_mw": lambda: runtime.flush(30),
+        "otel asgi (1 span)": otel_provider.force_flush,
+        "naive langfuse (docs)": naive_client.flush,
+    }
 
     def settle() -> None:
-        runtime.flush(10)
-        time.sleep(0.3)  # OpenTelemetry's batch threads have no usable flush deadline
+        for flush in flushes.values():
+            flush()
 
-    print("## request path (wall time on the request's thread)")
+    for run in variants.values():  # warm up imports, caches, threads
+        run(300)
+    settle()
+
+    print("## request path (wall time on the request's thread; export between rounds)")
     samples = run_rounds(variants, rounds=args.rounds, requests=args.requests, settle=settle)
     table(samples, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
 
     print("## total CPU per request, background export included")
-
-    def with_cpu(run: Callable[[int], float], flush: Callable[[], Any]) -> Callable[[int], float]:
-        def measured(n: int) -> float:
-            flush()
-            before = cpu_seconds()
-            run(n)
-            flush()
-            return cpu_seconds() - before
-
-        return measured
-
-    def otel_flush() -> None:
-        time.sleep(0.3)  # OpenTelemetry's force_flush has no deadline; let its batch go
-
     cpu_variants = {
         "bare": with_cpu(variants["bare"], lambda: None),
-        "langfuse_mw": with_cpu(variants["langfuse_mw"], lambda: runtime.flush(10)),
-        "otel asgi (1 span)": with_cpu(variants["otel asgi (1 span)"], otel_flush),
-        "naive langfuse (docs)": with_cpu(variants["naive langfuse (docs)"], otel_flush),
+        **{name: with_cpu(variants[name], flush) for name, flush in flushes.items()},
     }
     cpu = run_rounds(cpu_variants, rounds=max(3, args.rounds // 2), requests=args.requests)
     table(cpu, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
     health = runtime.health()
     print(
         f"langfuse_mw export: created={health['created']} exported={health['exported']} "
-        f"dropped={health['dropped']} (sink saw {sink.spans})"
+        f"dropped={health['dropped']} (sink saw {sink.spans}); spans exported by otel "
+        f"{otel_exporter.spans}, by the naive middleware {naive_exporter.spans}"
     )
 
 

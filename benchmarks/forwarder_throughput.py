@@ -94,7 +94,7 @@ def fill(client: redis.Redis, batches: int, per_batch: int) -> int:
     body = gzip.compress(encode_request([root_span(n) for n in range(per_batch)]), 5)
     pipe = client.pipeline(transaction=False)
     for n in range(batches):
-        pipe.xadd(STREAM, entry_fields(body, per_batch, "pk-lf-bench"))
+        pipe.xadd(STREAM, entry_fields(body, per_batch, "pk-lf-bench"))  # type: ignore[arg-type]
         if n % 1000 == 999:
             pipe.execute()
     pipe.execute()

@@ -3,13 +3,16 @@
 Variants, alternated round by round:
   bare                        the Flask app alone
   langfuse_mw                 LangfuseFlask, 100 % traced, user/session/request id
+  langfuse_mw (not sampled)   sample_rate=0: a request the sampler drops (kept only if it fails)
   langfuse_mw (excluded path) a request LangfuseFlask skips (exclude_paths)
   otel wsgi (1 span)          opentelemetry-instrumentation-wsgi's OpenTelemetryMiddleware
                               on app.wsgi_app, with a batch processor
 
-Every tracing variant exports through a sink that encodes OTLP protobuf in the background
-(only the network is left out). The WSGI callable is called directly, the body iterated and
-closed as a server does (Flask's test client would cost more than what is measured).
+Every tracing variant exports through a sink that encodes and gzips OTLP protobuf (only the
+network is left out). Printed: the request path (wall µs/request, every exporter holding the
+round and exporting between rounds) and total CPU µs/request with the export included. The
+WSGI callable is called directly, the body iterated and closed as a server does (Flask's test
+client would cost more than what is measured).
 
     python benchmarks/wsgi_overhead.py [--rounds 7] [--requests 3000]
 """
@@ -28,15 +31,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flask import Flask
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from benchmarks._common import (
     EncodingExporter,
     EncodingSink,
+    deferred_processor,
     header,
     install_runtime,
     run_rounds,
     table,
+    with_cpu,
 )
 from langfuse_mw import runtime
 
@@ -95,20 +99,18 @@ def driver(app: Any, path: str) -> Callable[[int], float]:
     return run
 
 
-def langfuse_mw_app(sink: EncodingSink, excluded: bool = False) -> Any:
+def langfuse_mw_app(sink: EncodingSink, **options: Any) -> Any:
     from langfuse_mw.flask import LangfuseFlask
 
     install_runtime(sink)
     app = make_app()
-    LangfuseFlask(app, exclude_paths=["/health"] if excluded else [])
+    LangfuseFlask(app, **options)
     return app
 
 
-def otel_app(exporter: EncodingExporter) -> Any:
+def otel_app(provider: TracerProvider) -> Any:
     from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
     app = make_app()
     app.wsgi_app = OpenTelemetryMiddleware(app.wsgi_app, tracer_provider=provider)  # type: ignore[method-assign]
     return app
@@ -126,26 +128,46 @@ def main() -> None:
          "opentelemetry-instrumentation-wsgi"],
     )  # fmt: skip
     sink = EncodingSink()
+    otel_exporter = EncodingExporter()
+    otel_provider = TracerProvider()
+    otel_provider.add_span_processor(deferred_processor(otel_exporter))
     variants = {
         "bare": driver(make_app(), "/items/1"),
         "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
-        "langfuse_mw (excluded path)": driver(langfuse_mw_app(sink, excluded=True), "/health"),
-        "otel wsgi (1 span)": driver(otel_app(EncodingExporter()), "/items/1"),
+        "langfuse_mw (not sampled)": driver(langfuse_mw_app(sink, sample_rate=0.0), "/items/1"),
+        "langfuse_mw (excluded path)": driver(
+            langfuse_mw_app(sink, exclude_paths=["/health"]), "/health"
+        ),
+        "otel wsgi (1 span)": driver(otel_app(otel_provider), "/items/1"),
     }
-    for run in variants.values():  # warm up imports, caches, threads
-        run(300)
+    flushes: dict[str, Callable[[], Any]] = {
+        "langfuse_mw": lambda: runtime.flush(30),
+        "otel wsgi (1 span)": otel_provider.force_flush,
+    }
 
     def settle() -> None:
-        runtime.flush(10)
-        time.sleep(0.3)  # OpenTelemetry's batch thread has no usable flush deadline
+        for flush in flushes.values():
+            flush()
 
-    print("## request path (wall time on the request's thread)")
+    for run in variants.values():  # warm up imports, caches, threads
+        run(300)
+    settle()
+
+    print("## request path (wall time on the request's thread; export between rounds)")
     samples = run_rounds(variants, rounds=args.rounds, requests=args.requests, settle=settle)
     table(samples, "bare", peers=["otel wsgi (1 span)"])
+
+    print("## total CPU per request, background export included")
+    cpu_variants = {
+        "bare": with_cpu(variants["bare"], lambda: None),
+        **{name: with_cpu(variants[name], flush) for name, flush in flushes.items()},
+    }
+    cpu = run_rounds(cpu_variants, rounds=max(3, args.rounds // 2), requests=args.requests)
+    table(cpu, "bare", peers=["otel wsgi (1 span)"])
     health = runtime.health()
     print(
         f"langfuse_mw export: created={health['created']} exported={health['exported']} "
-        f"dropped={health['dropped']} (sink saw {sink.spans})"
+        f"dropped={health['dropped']} (sink saw {sink.spans}); otel exported {otel_exporter.spans}"
     )
 
 
