@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from opentelemetry import context as otel_context
-
+from ._failsafe import report
 from .context import _current as _request_var
+from .context import attach_otel, detach_otel
 from .core import Observation, RequestInfo, RequestTracer
 
 __all__ = [
@@ -141,13 +141,16 @@ class ResponseBody:
     def attach(self) -> tuple[Any, Any]:
         """Make the request current again; give the result to ``release``."""
         otel_ctx = self.otel_ctx
-        otel_token = otel_context.attach(otel_ctx) if otel_ctx is not None else None
+        otel_token = attach_otel(otel_ctx) if otel_ctx is not None else None
         return _request_var.set(self.obs), otel_token
 
     def release(self, tokens: tuple[Any, Any]) -> None:
-        if tokens[1] is not None:
-            otel_context.detach(tokens[1])
-        _request_var.reset(tokens[0])
+        try:
+            if tokens[1] is not None:
+                detach_otel(tokens[1])
+            _request_var.reset(tokens[0])
+        except ValueError as exc:  # the body switched contexts under us: nothing to restore
+            report("wsgi.release", exc)
 
     def complete(self) -> None:
         self.exhausted = True

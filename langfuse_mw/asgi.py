@@ -15,6 +15,8 @@ from .core import Observation, RequestInfo, RequestTracer
 
 __all__ = ["LangfuseMiddleware"]
 
+_time_ns = time.time_ns
+
 
 class LangfuseMiddleware:
     """Trace every HTTP request and WebSocket connection of an ASGI app into Langfuse.
@@ -135,14 +137,14 @@ class _Exchange:
         last = False
         try:
             kind = message["type"]
-            if kind == "http.response.start" or kind == "websocket.http.response.start":
-                obs.set_status(message["status"])
-                message = self._echo_header(message)
-            elif kind == "http.response.body":
+            if kind == "http.response.body":
                 obs.add_body(len(message.get("body", b"")))
                 last = not message.get("more_body", False)
                 if not last and self._pump is None:
                     self._start_pump()
+            elif kind == "http.response.start" or kind == "websocket.http.response.start":
+                obs.set_status(message["status"])
+                message = self._echo_header(message)
             elif kind == "http.response.pathsend":
                 last = True
             elif kind == "websocket.accept":
@@ -159,7 +161,7 @@ class _Exchange:
             self.disconnected()
             raise
         if last:
-            self._completed_ns = time.time_ns()
+            self._completed_ns = _time_ns()
             # A 5xx may be Starlette's answer to an exception that reaches us right after:
             # end when the app returns (with this time) so the exception is recorded too.
             if (obs.status or 0) < 500:

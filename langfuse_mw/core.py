@@ -30,7 +30,7 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from . import _failsafe, runtime
 from ._record import MAX_MESSAGE, SpanRecord, exception_attributes
 from .config import Settings
-from .context import RequestContext
+from .context import RequestContext, attach_otel, detach_otel
 from .context import _current as _request_var
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
@@ -204,7 +204,7 @@ class RequestTracer:
         if baggage is not None:
             values[_BAGGAGE_KEY] = baggage
         ctx = obs.otel_context = otel_context.Context(values)
-        obs._otel_token = otel_context.attach(ctx)
+        obs._otel_token = attach_otel(ctx)
         obs._request_token = _request_var.set(obs)
         return obs
 
@@ -439,7 +439,7 @@ class Observation(SpanRecord):
             if self._request_token is not None:
                 _request_var.reset(self._request_token)
             if self._otel_token is not None:
-                otel_context.detach(self._otel_token)
+                detach_otel(self._otel_token)
         except Exception as exc:  # a token from another context: nothing left to restore
             _failsafe.report("detach", exc)
         self._request_token = self._otel_token = None
