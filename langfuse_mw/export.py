@@ -199,6 +199,8 @@ class ExportQueue:
         self.created = 0
         self.exported = 0
         self.dropped: collections.Counter[str] = collections.Counter()
+        # Drops already summed up in a log line ("lost N spans"), so each is reported once.
+        self._reported: collections.Counter[str] = collections.Counter()
         self.failed_exports = 0
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -237,6 +239,7 @@ class ExportQueue:
         self.sender.reset()
         self.created = self.exported = self.failed_exports = 0
         self.dropped.clear()
+        self._reported.clear()
         if not self._closed:
             self._start()
 
@@ -357,8 +360,9 @@ class ExportQueue:
                 self._count_sent(len(batch))
                 if failures:
                     logger.warning(
-                        "langfuse_mw: export recovered after %.0fs of failures (%s)",
+                        "langfuse_mw: export recovered after %.0fs of failures; %s (%s)",
                         time.monotonic() - opened_at,
+                        self._lost_since_reported(),
                         self._summary(),
                     )
                 failures = server_error_attempts = 0
@@ -462,6 +466,13 @@ class ExportQueue:
         with self._idle:
             self._idle.notify_all()
 
+    def _lost_since_reported(self) -> str:
+        # "lost N spans (reasons)" for the drops no line has summed up yet, then marks them.
+        with self._lock:
+            lost = self.dropped - self._reported
+            self._reported = collections.Counter(self.dropped)
+        return f"lost {sum(lost.values())} spans since the last report ({dict(lost)})"
+
     def _summary(self) -> str:
         stats = self.stats()
         return (
@@ -508,10 +519,13 @@ class ExportQueue:
             self._abandoned = True
         if left:
             logger.warning(
-                "langfuse_mw: shutdown deadline (%.1fs) reached; %d spans were not exported",
+                "langfuse_mw: shutdown deadline (%.1fs) reached; %d spans were not exported; %s",
                 timeout,
                 left,
+                self._lost_since_reported(),
             )
+        elif self.dropped != self._reported:
+            logger.warning("langfuse_mw: shutdown; %s", self._lost_since_reported())
         if not self._thread.is_alive():
             self.sender.close()
         return left

@@ -77,12 +77,13 @@ async def test_503_with_retry_after_then_recovery(receiver: DevServer, caplog: A
         receiver.clear_fault()
         assert rt.flush(10)
     # The app's latency did not change while Langfuse failed (compared in the same run).
-    assert statistics.median(failing) <= 1.5 * statistics.median(healthy)
+    medians = statistics.median(failing), statistics.median(healthy)
+    assert medians[0] <= 1.5 * medians[1], medians
     stats = rt.health()
-    assert stats["exported"] == 600 and stats["dropped"] == {} and balanced(stats)
-    assert stats["breaker"] == "closed" and stats["last_error"].startswith("HTTP 503")
+    assert stats["exported"] == 600 and stats["dropped"] == {} and balanced(stats), stats
+    assert stats["breaker"] == "closed" and stats["last_error"].startswith("HTTP 503"), stats
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(messages) == 2  # failing, recovered: not one line per attempt
+    assert len(messages) == 2, messages  # failing, recovered: not one line per attempt
     names = {s["attributes"]["langfuse.observation.metadata.requestId"]
              for s in receiver.received_spans()}  # fmt: skip
     assert len(names) == 300  # r-0..r-299 from both phases, each request id once per phase
