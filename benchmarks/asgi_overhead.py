@@ -1,4 +1,4 @@
-"""Per-request overhead of tracing a Starlette app, in-process, against the peers in one run.
+"""Per-request overhead of tracing Starlette and FastAPI apps, in-process, against the peers.
 
 Variants, alternated round by round:
   bare                        the app alone
@@ -14,7 +14,11 @@ network is left out). Printed: the request path (wall µs/request on the request
 every exporter holding the round and exporting between rounds), and total CPU µs/request
 with the export included; medians of alternating rounds, min-max and ratios.
 
+Each framework is a separate run of alternating rounds (FastAPI's own telemetry stays off: the
+runtime's tracer provider is private).
+
     python benchmarks/asgi_overhead.py [--rounds 7] [--requests 3000]
+                                       [--frameworks starlette,fastapi]
 """
 
 from __future__ import annotations
@@ -63,7 +67,21 @@ async def hello(request: Request) -> Response:
     return PlainTextResponse("hello")
 
 
-def make_app() -> Starlette:
+def make_app(framework: str = "starlette") -> Any:
+    if framework == "fastapi":
+        from fastapi import FastAPI
+
+        app = FastAPI()
+
+        @app.get("/items/{item_id}")
+        async def item(item_id: int) -> Response:
+            return PlainTextResponse("hello")
+
+        @app.get("/health")
+        async def health() -> Response:
+            return PlainTextResponse("hello")
+
+        return app
     return Starlette(routes=[Route("/items/{item_id}", hello), Route("/health", hello)])
 
 
@@ -105,29 +123,29 @@ def driver(app: Any, path: str) -> Callable[[int], float]:
     return run
 
 
-def langfuse_mw_app(sink: EncodingSink, **options: Any) -> Any:
+def langfuse_mw_app(sink: EncodingSink, framework: str, **options: Any) -> Any:
     from langfuse_mw import LangfuseMiddleware
 
     install_runtime(sink)
-    app = make_app()
+    app = make_app(framework)
     app.add_middleware(LangfuseMiddleware, **options)
     return app
 
 
-def otel_app(provider: TracerProvider) -> Any:
+def otel_app(provider: TracerProvider, framework: str) -> Any:
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-    app = make_app()
+    app = make_app(framework)
     app.add_middleware(
         OpenTelemetryMiddleware, tracer_provider=provider, exclude_spans=["receive", "send"]
     )
     return app
 
 
-def naive_app(client: Any) -> Any:
+def naive_app(client: Any, framework: str) -> Any:
     from langfuse import propagate_attributes
 
-    app = make_app()
+    app = make_app(framework)
 
     async def langfuse_middleware(request: Request, call_next: Any) -> Response:
         with (
@@ -152,11 +170,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--frameworks", default="starlette,fastapi")
     args = parser.parse_args()
 
     header(
-        "ASGI overhead, in-process (Starlette hello world)",
-        ["langfuse-mw", "langfuse", "starlette", "opentelemetry-sdk",
+        "ASGI overhead, in-process (Starlette and FastAPI hello world)",
+        ["langfuse-mw", "langfuse", "starlette", "fastapi", "opentelemetry-sdk",
          "opentelemetry-instrumentation-asgi"],
     )  # fmt: skip
     sink = EncodingSink()
@@ -172,16 +191,6 @@ def main() -> None:
         flush_at=ROUND_CAPACITY,
         flush_interval=3600,
     )
-    variants = {
-        "bare": driver(make_app(), "/items/1"),
-        "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
-        "langfuse_mw (not sampled)": driver(langfuse_mw_app(sink, sample_rate=0.0), "/items/1"),
-        "langfuse_mw (excluded path)": driver(
-            langfuse_mw_app(sink, exclude_paths=["/health"]), "/health"
-        ),
-        "otel asgi (1 span)": driver(otel_app(otel_provider), "/items/1"),
-        "naive langfuse (docs)": driver(naive_app(naive_client), "/items/1"),
-    }
     flushes: dict[str, Callable[[], Any]] = {
         "langfuse_mw": lambda: runtime.flush(30),
         "otel asgi (1 span)": otel_provider.force_flush,
@@ -192,21 +201,38 @@ def main() -> None:
         for flush in flushes.values():
             flush()
 
-    for run in variants.values():  # warm up imports, caches, threads
-        run(300)
-    settle()
+    for framework in args.frameworks.split(","):
+        variants = {
+            "bare": driver(make_app(framework), "/items/1"),
+            "langfuse_mw": driver(langfuse_mw_app(sink, framework), "/items/1"),
+            "langfuse_mw (not sampled)": driver(
+                langfuse_mw_app(sink, framework, sample_rate=0.0), "/items/1"
+            ),
+            # The same route, excluded: only the middleware's own work differs from bare.
+            "langfuse_mw (excluded path)": driver(
+                langfuse_mw_app(sink, framework, exclude_paths=["/items/.*"]), "/items/1"
+            ),
+            "otel asgi (1 span)": driver(otel_app(otel_provider, framework), "/items/1"),
+            "naive langfuse (docs)": driver(naive_app(naive_client, framework), "/items/1"),
+        }
+        for run in variants.values():  # warm up imports, caches, threads
+            run(300)
+        settle()
 
-    print("## request path (wall time on the request's thread; export between rounds)")
-    samples = run_rounds(variants, rounds=args.rounds, requests=args.requests, settle=settle)
-    table(samples, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
+        print(
+            f"## {framework}: request path (wall time on the request's thread; "
+            "export between rounds)"
+        )
+        samples = run_rounds(variants, rounds=args.rounds, requests=args.requests, settle=settle)
+        table(samples, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
 
-    print("## total CPU per request, background export included")
-    cpu_variants = {
-        "bare": with_cpu(variants["bare"], lambda: None),
-        **{name: with_cpu(variants[name], flush) for name, flush in flushes.items()},
-    }
-    cpu = run_rounds(cpu_variants, rounds=max(3, args.rounds // 2), requests=args.requests)
-    table(cpu, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
+        print(f"## {framework}: total CPU per request, background export included")
+        cpu_variants = {
+            "bare": with_cpu(variants["bare"], lambda: None),
+            **{name: with_cpu(variants[name], flush) for name, flush in flushes.items()},
+        }
+        cpu = run_rounds(cpu_variants, rounds=max(3, args.rounds // 2), requests=args.requests)
+        table(cpu, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
     health = runtime.health()
     print(
         f"langfuse_mw export: created={health['created']} exported={health['exported']} "

@@ -106,16 +106,36 @@ def key_value(key: str, value: Any) -> bytes:
 
 def attribute(tag: bytes, key: str, value: Any) -> bytes:
     """One ``KeyValue`` field under ``tag``, from the cache when the pair was seen before."""
-    if (type(value) is str and len(value) <= _CACHEABLE_LENGTH) or type(value) is bool:
+    kind = type(value)
+    if kind is str:
+        if len(value) > _CACHEABLE_LENGTH:
+            return _str_attribute(tag, key, value)
         cache_key = (tag, key, value)
         hit = _FIELD_CACHE.get(cache_key)
         if hit is None:
-            hit = field(tag, key_value(key, value))
+            hit = _str_attribute(tag, key, value)
             if len(_FIELD_CACHE) >= _FIELD_CACHE_LIMIT:
                 _FIELD_CACHE.clear()
             _FIELD_CACHE[cache_key] = hit
         return hit
+    if kind is bool:
+        cache_key = (tag, key, value)
+        hit = _FIELD_CACHE.get(cache_key)
+        if hit is None:
+            hit = _FIELD_CACHE[cache_key] = field(tag, key_value(key, value))
+        return hit
     return field(tag, key_value(key, value))
+
+
+def _str_attribute(tag: bytes, key: str, value: str) -> bytes:
+    # field(tag, key_value(key, value)) for a string, written out: most attributes are strings.
+    text = value.encode("utf-8", "surrogatepass")
+    n = len(text)
+    any_value = b"\x0a" + (_SMALL[n] if n < 0x80 else varint(n)) + text
+    n = len(any_value)
+    body = _key(key) + b"\x12" + (_SMALL[n] if n < 0x80 else varint(n)) + any_value
+    n = len(body)
+    return tag + (_SMALL[n] if n < 0x80 else varint(n)) + body
 
 
 def attributes(tag: bytes, items: Iterable[tuple[str, Any]]) -> bytes:

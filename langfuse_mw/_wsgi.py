@@ -132,7 +132,8 @@ class ResponseBody:
 
         Not in a copy of the view's context: apps that set a context variable in the view and
         reset it while streaming (Flask 2.3's stream_with_context) need the caller's context."""
-        tokens = self.attach()
+        otel_ctx = self.otel_ctx  # attach(), inlined: once per chunk
+        tokens = _request_var.set(self.obs), attach_otel(otel_ctx) if otel_ctx is not None else None
         try:
             return fn(*args)
         finally:
