@@ -173,3 +173,39 @@ def with_cpu(run: Callable[[int], float], flush: Callable[[], Any]) -> Callable[
         return cpu_seconds() - before
 
     return measured
+
+
+def measure(
+    title: str,
+    variants: dict[str, Callable[[int], float]],
+    flushes: dict[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    requests: int,
+    peers: Sequence[str],
+) -> None:
+    """Print both tables for ``variants`` (one has to be ``bare``).
+
+    ``flushes`` exports what each tracing variant holds: between rounds for the request path,
+    inside the measurement for total CPU.
+    """
+
+    def settle() -> None:
+        for flush in flushes.values():
+            flush()
+
+    for run in variants.values():  # warm up imports, caches, threads
+        run(300)
+    settle()
+
+    print(f"## {title}request path (wall time on the request's thread; export between rounds)")
+    samples = run_rounds(variants, rounds=rounds, requests=requests, settle=settle)
+    table(samples, "bare", peers=peers)
+
+    print(f"## {title}total CPU per request, background export included")
+    cpu_variants = {
+        "bare": with_cpu(variants["bare"], lambda: None),
+        **{name: with_cpu(variants[name], flush) for name, flush in flushes.items()},
+    }
+    cpu = run_rounds(cpu_variants, rounds=max(3, rounds // 2), requests=requests)
+    table(cpu, "bare", peers=peers)

@@ -48,9 +48,7 @@ from benchmarks._common import (
     deferred_processor,
     header,
     install_runtime,
-    run_rounds,
-    table,
-    with_cpu,
+    measure,
 )
 from langfuse_mw import runtime
 
@@ -197,10 +195,6 @@ def main() -> None:
         "naive langfuse (docs)": naive_client.flush,
     }
 
-    def settle() -> None:
-        for flush in flushes.values():
-            flush()
-
     for framework in args.frameworks.split(","):
         variants = {
             "bare": driver(make_app(framework), "/items/1"),
@@ -215,24 +209,10 @@ def main() -> None:
             "otel asgi (1 span)": driver(otel_app(otel_provider, framework), "/items/1"),
             "naive langfuse (docs)": driver(naive_app(naive_client, framework), "/items/1"),
         }
-        for run in variants.values():  # warm up imports, caches, threads
-            run(300)
-        settle()
-
-        print(
-            f"## {framework}: request path (wall time on the request's thread; "
-            "export between rounds)"
-        )
-        samples = run_rounds(variants, rounds=args.rounds, requests=args.requests, settle=settle)
-        table(samples, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
-
-        print(f"## {framework}: total CPU per request, background export included")
-        cpu_variants = {
-            "bare": with_cpu(variants["bare"], lambda: None),
-            **{name: with_cpu(variants[name], flush) for name, flush in flushes.items()},
-        }
-        cpu = run_rounds(cpu_variants, rounds=max(3, args.rounds // 2), requests=args.requests)
-        table(cpu, "bare", peers=["otel asgi (1 span)", "naive langfuse (docs)"])
+        measure(
+            f"{framework}: ", variants, flushes, rounds=args.rounds, requests=args.requests,
+            peers=["otel asgi (1 span)", "naive langfuse (docs)"],
+        )  # fmt: skip
     health = runtime.health()
     print(
         f"langfuse_mw export: created={health['created']} exported={health['exported']} "

@@ -38,9 +38,7 @@ from benchmarks._common import (
     deferred_processor,
     header,
     install_runtime,
-    run_rounds,
-    table,
-    with_cpu,
+    measure,
 )
 from langfuse_mw import runtime
 
@@ -146,25 +144,10 @@ def main() -> None:
         "otel wsgi (1 span)": otel_provider.force_flush,
     }
 
-    def settle() -> None:
-        for flush in flushes.values():
-            flush()
-
-    for run in variants.values():  # warm up imports, caches, threads
-        run(300)
-    settle()
-
-    print("## request path (wall time on the request's thread; export between rounds)")
-    samples = run_rounds(variants, rounds=args.rounds, requests=args.requests, settle=settle)
-    table(samples, "bare", peers=["otel wsgi (1 span)"])
-
-    print("## total CPU per request, background export included")
-    cpu_variants = {
-        "bare": with_cpu(variants["bare"], lambda: None),
-        **{name: with_cpu(variants[name], flush) for name, flush in flushes.items()},
-    }
-    cpu = run_rounds(cpu_variants, rounds=max(3, args.rounds // 2), requests=args.requests)
-    table(cpu, "bare", peers=["otel wsgi (1 span)"])
+    measure(
+        "", variants, flushes, rounds=args.rounds, requests=args.requests,
+        peers=["otel wsgi (1 span)"],
+    )  # fmt: skip
     health = runtime.health()
     print(
         f"langfuse_mw export: created={health['created']} exported={health['exported']} "
