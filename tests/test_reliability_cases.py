@@ -330,8 +330,8 @@ def test_case_09_a_long_outage_writes_few_log_lines(
     if ending == "recovery":
         # It counts the spans the outage lost (dropped because the queue was full).
         assert "export recovered" in ends[0], summary
-        assert f"lost {dropped} spans since the last report ({{'queue_full': {dropped}}})" in (
-            ends[0]
+        assert (
+            f"lost {dropped} spans since the last report ({{'queue_full': {dropped}}})" in (ends[0])
         ), summary
         # Then the queue (the bound, plus the batch in the sender's hands) drained.
         assert stats["exported"] >= 500 and stats["queued"] == lost_at_exit == 0, summary
@@ -500,6 +500,33 @@ def arrived(receiver: DevServer, root_name: str) -> tuple[list[str], int, list[s
     return ids, sum(s["name"] == "llm" for s in spans), [s["span_id"] for s in spans]
 
 
+def recycled_run(server: Server, receiver: DevServer, n: int, tag: str, root_name: str) -> str:
+    """Send n requests while the server recycles its workers, stop it, and check that every
+    answered request's root and generation arrived exactly once; the server's log."""
+    try:
+        server.wait_ready()
+        started = time.monotonic()
+        done, dropped, unanswered = asyncio.run(one_by_one(server.url, n, tag))
+        code, _ = server.terminate()
+        seconds = time.monotonic() - started
+        log = server.log.read_text(errors="replace")
+    finally:
+        server.close()
+    assert code == 0, log
+    ids, generations, span_ids = arrived(receiver, root_name)
+    assert len(ids) == len(set(ids)), log  # once each
+    assert done <= set(ids) <= done | unanswered, log  # every answered request arrived
+    assert generations == len(ids)  # each served request made one generation
+    assert len(span_ids) == len(set(span_ids)), "a span was exported twice"
+    assert "Traceback" not in log and "tracing error" not in log, log
+    print(
+        f"case 11 {tag}: {len(done)} requests in {seconds:.1f}s, connections dropped by a "
+        f"recycling worker {dict(dropped)}, {len(span_ids)} spans received, 0 lost, "
+        "0 duplicated"
+    )
+    return log
+
+
 @pytest.mark.e2e
 def test_case_11_gunicorn_sync_max_requests_loses_nothing_and_flush_is_idempotent(
     receiver: DevServer, tmp_path: Any
@@ -517,32 +544,13 @@ def test_case_11_gunicorn_sync_max_requests_loses_nothing_and_flush_is_idempoten
         # A 30 s export interval: only a worker's exit can deliver its spans in time.
         {**KEYS, "LANGFUSE_BASE_URL": receiver.url, "LANGFUSE_MW_FLUSH_INTERVAL": "30"},
     )  # fmt: skip
-    try:
-        server.wait_ready()
-        started = time.monotonic()
-        done, dropped, unanswered = asyncio.run(one_by_one(server.url, 90, "g"))
-        code, _ = server.terminate()
-        seconds = time.monotonic() - started
-        log = server.log.read_text(errors="replace")
-    finally:
-        server.close()
-    assert code == 0, log
+    log = recycled_run(server, receiver, 90, "gunicorn", "GET /items/<int:item_id>")
     recycled = log.count("Autorestarting worker after current request.")
     assert recycled >= 4, log  # 90 requests, 15 per worker life: workers were recycled
-    ids, generations, span_ids = arrived(receiver, "GET /items/<int:item_id>")
-    assert len(ids) == len(set(ids)), log  # once each
-    assert done <= set(ids) <= done | unanswered, log  # every answered request arrived
-    assert generations == len(ids)  # each served request made one generation
-    assert len(span_ids) == len(set(span_ids)), "a span was exported twice"
     exits = [line for line in log.splitlines() if line.startswith("worker-exit ")]
     assert len(exits) >= recycled + 2  # the recycled workers and the last two
     assert all(line.endswith("[True, True, 0, 0, True]") for line in exits), exits
-    assert "Traceback" not in log and "tracing error" not in log, log
-    print(
-        f"case 11 gunicorn: {len(done)} requests in {seconds:.1f}s, {recycled} recycles, "
-        f"connections dropped by a recycling worker {dict(dropped)}, {len(span_ids)} spans "
-        f"received, 0 lost, 0 duplicated; hooks returned {exits[0].split(' ', 2)[2]}"
-    )
+    print(f"case 11 gunicorn: {recycled} recycles; hooks returned {exits[0].split(' ', 2)[2]}")
 
 
 @pytest.mark.e2e
@@ -554,29 +562,10 @@ def test_case_11_uvicorn_limit_max_requests_loses_nothing(receiver: DevServer) -
         "tests.e2e_asgi_app:app", receiver.url, "--workers", "2", "--limit-max-requests", "20",
         LANGFUSE_MW_FLUSH_INTERVAL="30",
     )  # fmt: skip
-    try:
-        server.wait_ready()
-        started = time.monotonic()
-        done, dropped, unanswered = asyncio.run(one_by_one(server.url, 80, "u"))
-        code, _ = server.terminate()
-        seconds = time.monotonic() - started
-        log = server.log.read_text(errors="replace")
-    finally:
-        server.close()
-    assert code == 0, log
+    log = recycled_run(server, receiver, 80, "uvicorn", "GET /items/{item_id}")
     recycled = log.count("Maximum request limit of")
     assert recycled >= 2, log
-    ids, generations, span_ids = arrived(receiver, "GET /items/{item_id}")
-    assert len(ids) == len(set(ids)), log  # once each
-    assert done <= set(ids) <= done | unanswered, log  # every answered request arrived
-    assert generations == len(ids)  # each served request made one generation
-    assert len(span_ids) == len(set(span_ids)), "a span was exported twice"
-    assert "Traceback" not in log and "tracing error" not in log, log
-    print(
-        f"case 11 uvicorn: {len(done)} requests in {seconds:.1f}s, {recycled} recycles, "
-        f"connections dropped by a recycling worker {dict(dropped)}, {len(span_ids)} spans "
-        "received, 0 lost, 0 duplicated"
-    )
+    print(f"case 11 uvicorn: {recycled} recycles")
 
 
 # -- case 13 ----------------------------------------------------------------------------------
