@@ -33,3 +33,12 @@ BAD_TRACEPARENTS: list[bytes] = [
 VALID_TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 VALID_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 VALID_PARENT_ID = "00f067aa0ba902b7"
+
+# (response status, observation level, options): what every adapter must record.
+LEVEL_CASES = [
+    (503, "ERROR", {}),
+    (404, "WARNING", {}),
+    (404, "DEFAULT", {"level_4xx": "DEFAULT"}),
+    (422, "ERROR", {"level_4xx": "error"}),
+    (201, "DEFAULT", {}),
+]

@@ -20,6 +20,7 @@ from langfuse_mw.testing import LangfuseCapture
 from tests.corpus import (
     BAD_ID_VALUES,
     BAD_TRACEPARENTS,
+    LEVEL_CASES,
     VALID_PARENT_ID,
     VALID_TRACE_ID,
     VALID_TRACEPARENT,
@@ -150,16 +151,7 @@ def test_unhandled_exception_is_recorded_as_error_and_the_response_is_the_framew
     assert "kaboom" in event["attributes"]["exception.stacktrace"]
 
 
-@pytest.mark.parametrize(
-    ("code", "level", "options"),
-    [
-        (503, "ERROR", {}),
-        (404, "WARNING", {}),
-        (404, "DEFAULT", {"level_4xx": "DEFAULT"}),
-        (422, "ERROR", {"level_4xx": "error"}),
-        (201, "DEFAULT", {}),
-    ],
-)
+@pytest.mark.parametrize(("code", "level", "options"), LEVEL_CASES)
 def test_level_follows_the_status_code(
     langfuse_capture: LangfuseCapture, adapter: Adapter, code: int, level: str,
     options: dict[str, Any],

@@ -21,6 +21,7 @@ from tests.conftest import FRAMEWORKS, ClientFactory, traced_app
 from tests.corpus import (
     BAD_ID_VALUES,
     BAD_TRACEPARENTS,
+    LEVEL_CASES,
     VALID_PARENT_ID,
     VALID_TRACE_ID,
     VALID_TRACEPARENT,
@@ -168,16 +169,7 @@ async def test_unhandled_exception_is_recorded_and_reraised_untouched(
         assert "kaboom" in event["attributes"]["exception.stacktrace"]
 
 
-@pytest.mark.parametrize(
-    ("code", "level", "options"),
-    [
-        (503, "ERROR", {}),
-        (404, "WARNING", {}),
-        (404, "DEFAULT", {"level_4xx": "DEFAULT"}),
-        (422, "ERROR", {"level_4xx": "error"}),
-        (201, "DEFAULT", {}),
-    ],
-)
+@pytest.mark.parametrize(("code", "level", "options"), LEVEL_CASES)
 async def test_level_follows_the_status_code(
     langfuse_capture: LangfuseCapture,
     make_client: ClientFactory,
