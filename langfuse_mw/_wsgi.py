@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 from ._failsafe import report
 from .context import _current as _request_var
 from .context import attach_otel, detach_otel
-from .core import Observation, RequestInfo, RequestTracer
+from .core import RequestInfo, RequestState, RequestTracer
 
 __all__ = [
     "ENVIRON_KEY",
@@ -20,6 +21,7 @@ __all__ = [
     "ResponseBody",
     "StartResponse",
     "WSGIApp",
+    "begin",
     "content_length",
     "environ_info",
     "header_keys",
@@ -39,7 +41,30 @@ HEALTH_HEADERS = [("Content-Type", "application/json"), ("Cache-Control", "no-st
 
 def header_keys(tracer: RequestTracer) -> dict[str, str]:
     """Map the environ keys of the headers the core reads (``HTTP_X_REQUEST_ID``) to names."""
-    return {"HTTP_" + name.upper().replace("-", "_"): name for name in tracer.header_names}
+    return {_environ_key(name): name for name in tracer.header_names}
+
+
+@functools.cache
+def _environ_key(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+def begin(
+    tracer: RequestTracer, environ: Mapping[str, Any], keys: Mapping[str, str], method: str,
+    path: str, framework: str, raw: Any,
+) -> RequestState | None:  # fmt: skip
+    """``tracer.begin`` for a WSGI environ (or Django's ``request.META``).
+
+    A request that brought no trace context is decided first: if the sampler drops it, its
+    ``RequestInfo`` is built only when needed (``RequestTracer.begin_new_trace``).
+    """
+
+    def info() -> RequestInfo:
+        return environ_info(environ, keys, method, path, framework, raw)
+
+    if not tracer.may_sample_out or "HTTP_TRACEPARENT" in environ or "HTTP_BAGGAGE" in environ:
+        return tracer.begin(info())
+    return tracer.begin_new_trace(path, environ.get(_environ_key(tracer.request_id_header)), info)
 
 
 def environ_info(
@@ -73,7 +98,7 @@ class ResponseBody:
     )  # fmt: skip
 
     def __init__(
-        self, obs: Observation, iterable: Iterable[bytes], length: int = -1,
+        self, obs: RequestState, iterable: Iterable[bytes], length: int = -1,
         on_end: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self.obs = obs

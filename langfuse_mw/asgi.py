@@ -11,7 +11,7 @@ from ._failsafe import report
 from ._routes import route_template
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import resolve_settings
-from .core import Observation, RequestInfo, RequestTracer
+from .core import RequestInfo, RequestState, RequestTracer
 
 __all__ = ["LangfuseMiddleware"]
 
@@ -29,6 +29,9 @@ class LangfuseMiddleware:
         self.settings = resolve_settings(options)
         self.tracer = RequestTracer(self.settings)
         self._rid_name = self.settings.request_id_header.encode("latin-1")
+        self._echoes = self.settings.echo_request_id
+        # The headers read before a sampling decision: True for the request id.
+        self._early_headers = {b"traceparent": False, b"baggage": False, self._rid_name: True}
         runtime.get_runtime(self.settings)  # build (or warn about) the runtime at start-up
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -47,7 +50,7 @@ class LangfuseMiddleware:
             await self.app(scope, receive, send)
             return
 
-        obs = self.tracer.begin(self._info(scope, kind))
+        obs = self._begin(scope, kind)
         if obs is None:
             await self.app(scope, receive, send)
             return
@@ -72,18 +75,38 @@ class LangfuseMiddleware:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _info(self, scope: Scope, kind: str) -> RequestInfo:
-        wanted = self.tracer.header_names_bytes
+    def _begin(self, scope: Scope, kind: str) -> RequestState | None:
+        tracer = self.tracer
+        if kind != "http" or not tracer.may_sample_out:
+            return tracer.begin(self._info(scope, kind))
+        # Sampling may drop it: if the caller sent no trace context, decide before reading
+        # the request (most requests at a low rate read nothing but the request id).
+        request_id = None
+        early = self._early_headers
+        for name, value in scope.get("headers") or ():
+            which = early.get(name)
+            if which is None:
+                continue
+            if not which:  # traceparent or baggage: the caller's decision and ids count
+                return tracer.begin(self._info(scope, kind))
+            text = value.decode("latin-1")
+            request_id = text if request_id is None else f"{request_id},{text}"
+        path = scope.get("path", "")
+        return tracer.begin_new_trace(path, request_id, lambda: self._info(scope, kind, path))
+
+    def _info(self, scope: Scope, kind: str, path: str | None = None) -> RequestInfo:
+        """The core's view of the request; ``path`` as it was before routers rewrote it."""
+        wanted = self.tracer.header_keys
         headers: dict[str, str] = {}
         for name, value in scope.get("headers") or ():
-            if name in wanted:
-                key = name.decode("latin-1")
+            key = wanted.get(name)
+            if key is not None:
                 text = value.decode("latin-1")
                 headers[key] = f"{headers[key]},{text}" if key in headers else text
         client = scope.get("client")
         return RequestInfo(
             scope.get("method", "GET"),
-            scope.get("path", ""),
+            scope.get("path", "") if path is None else path,
             scope.get("query_string", b"").decode("latin-1"),
             headers,
             client[0] if client else None,
@@ -103,7 +126,7 @@ class _Exchange:
     _pump: asyncio.Task[None] | None = None
     _disconnect: Message | None = None
 
-    def __init__(self, mw: LangfuseMiddleware, obs: Observation, scope: Scope,
+    def __init__(self, mw: LangfuseMiddleware, obs: RequestState, scope: Scope,
                  receive: Receive, send: Send) -> None:  # fmt: skip
         self.mw, self.obs, self.scope = mw, obs, scope
         self._receive, self._send = receive, send
@@ -111,16 +134,16 @@ class _Exchange:
         # around the app (not added to it), the app is ours to search for routes.
         self.top_app = scope.get("app") or mw.app
         self.path, self.root_path = scope.get("path", ""), scope.get("root_path", "")
-        echo = mw.settings.echo_request_id
         # Request ids are printable ASCII by construction (core._check_request_id).
-        self.echo = (mw._rid_name, obs.request_id.encode("ascii")) if echo else None
+        self.echo = (mw._rid_name, obs.request_id.encode("ascii")) if mw._echoes else None
 
     def finish(self) -> None:
         obs = self.obs
         if not obs.ended:
-            if obs.exported_if_ended(self._completed_ns):  # a dropped one needs no name
-                obs.set_route(route_template(self.scope, self.top_app, self.path, self.root_path))
-            obs.end(self._completed_ns)
+            obs.end(self._completed_ns, self._route)
+
+    def _route(self) -> str | None:
+        return route_template(self.scope, self.top_app, self.path, self.root_path)
 
     def close(self) -> None:
         if self._pump is not None:
@@ -144,12 +167,14 @@ class _Exchange:
                     self._start_pump()
             elif kind == "http.response.start" or kind == "websocket.http.response.start":
                 obs.set_status(message["status"])
-                message = self._echo_header(message)
+                if self.echo is not None:
+                    message = _with_header(message, self.echo)
             elif kind == "http.response.pathsend":
                 last = True
             elif kind == "websocket.accept":
                 obs.set_status(101)
-                message = self._echo_header(message)
+                if self.echo is not None:
+                    message = _with_header(message, self.echo)
             elif kind == "websocket.close" and obs.status is None:
                 obs.set_status(403)  # closing before accept is a denial (ASGI spec)
         except Exception as exc:
@@ -209,16 +234,15 @@ class _Exchange:
         self._pump = loop.create_task(pump())
         self._pump.add_done_callback(_consume)
 
-    def _echo_header(self, message: Message) -> Message:
-        header = self.echo
-        if header is None:
+
+def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
+    # The echoed request id, unless the application set its own (it wins). A new message
+    # and list: frameworks reuse their header lists (Starlette's Response).
+    headers = message.get("headers") or []
+    for key, _ in headers:
+        if key.lower() == header[0]:
             return message
-        headers = message.get("headers") or []
-        for key, _ in headers:
-            if key.lower() == header[0]:
-                return message  # the application set its own: it wins
-        # A new message and list: frameworks reuse their header lists (Starlette Response).
-        return {**message, "headers": [*headers, header]}
+    return {**message, "headers": [*headers, header]}
 
 
 def _consume(task: asyncio.Task[None]) -> None:

@@ -2,7 +2,10 @@
 
 An adapter turns its request into a ``RequestInfo``, calls ``RequestTracer.begin`` and reports
 what happens (route, status, body bytes, exception, disconnect) to the returned ``Observation``,
-then calls ``end()`` when the last byte left and ``detach()`` where ``begin`` ran.
+then calls ``end()`` when the last byte left and ``detach()`` where ``begin`` ran. A request
+that brought no trace context goes through ``begin_new_trace`` instead, which decides first:
+one the sampler drops is a light ``SampledOut`` (same reporting methods) that reads the
+request and becomes an ``Observation`` only if it fails or is slow.
 
 The root observation is not an OpenTelemetry SDK span while the request runs: the request's
 OTel context holds only its span context (so the handler's Langfuse observations nest under
@@ -16,7 +19,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
@@ -34,10 +37,10 @@ from .context import RequestContext, attach_otel, detach_otel
 from .context import _current as _request_var
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
-from .propagation import Incoming, TrustPolicy, read_incoming
+from .propagation import NOTHING, Incoming, TrustPolicy, read_incoming
 from .sampling import Sampler
 
-__all__ = ["Observation", "RequestInfo", "RequestTracer"]
+__all__ = ["Observation", "RequestInfo", "RequestState", "RequestTracer", "SampledOut"]
 
 UNMATCHED = "<unmatched>"
 MAX_CUSTOM_ID = 1024
@@ -114,6 +117,9 @@ class RequestTracer:
         self._identity_callables = (
             settings.user_id_from is not None or settings.session_id_from is not None
         )
+        # Whether begin_new_trace can drop a request (identity callables run at begin, on
+        # the framework's request object, so they need the full path).
+        self.may_sample_out = not self._identity_callables and not self.sampler.always_keeps
         names = {
             settings.request_id_header,
             "traceparent",
@@ -126,7 +132,8 @@ class RequestTracer:
         if settings.session_id_from is None:
             names.add(settings.session_id_header)
         self.header_names = frozenset(names)
-        self.header_names_bytes = frozenset(name.encode("latin-1") for name in names)
+        # Raw ASGI header name -> the key in RequestInfo.headers.
+        self.header_keys = {name.encode("latin-1"): name for name in names}
 
     def health_json(self) -> bytes:
         """The body of the opt-in health endpoint (``health_path``): ``health()`` as JSON."""
@@ -149,7 +156,37 @@ class RequestTracer:
             _failsafe.report("begin", exc)
             return None
 
-    def _begin(self, info: RequestInfo, rt: runtime.Runtime) -> Observation:
+    def begin_new_trace(
+        self, path: str, request_id: str | None, make_info: Callable[[], RequestInfo]
+    ) -> Observation | SampledOut | None:
+        """``begin`` for a request that brought no trace context (no traceparent, no baggage).
+
+        The sampling decision comes first, so a request the sampler drops gets a light
+        ``SampledOut`` and its ``RequestInfo`` is built only if someone needs it.
+        """
+        try:
+            rt = runtime._runtime or runtime.get_runtime(self.settings)
+            if not rt.enabled:
+                return None
+            trace_id = _getrandbits(128) or 1
+            if self._identity_callables or self.sampler.keeps(trace_id, path):
+                return self._begin(make_info(), rt, trace_id)
+            if request_id is not None and not self._check_request_id(request_id):
+                _failsafe.reject("request_id")
+                request_id = None
+            span_context = _span_context(trace_id, _getrandbits(64) or 1, False, _NO_TRACE_STATE)
+            out = SampledOut(self, rt, request_id or new_request_id(), span_context, make_info)
+            # Its handler's observations find a parent that says "not sampled".
+            ctx = otel_context.Context({_SPAN_KEY: NonRecordingSpan(span_context)})
+            out.otel_context = ctx
+            out._otel_token = attach_otel(ctx)
+            out._request_token = _request_var.set(out)
+            return out
+        except Exception as exc:
+            _failsafe.report("begin", exc)
+            return None
+
+    def _begin(self, info: RequestInfo, rt: runtime.Runtime, new_trace_id: int = 0) -> Observation:
         headers = info.headers
         trust = self.trust
         peer_trusted = trust.peer_trusted(info.client_ip) if trust.networks else True
@@ -163,8 +200,8 @@ class RequestTracer:
             trace_state = parent.trace_state
             sampled = parent.trace_flags.sampled
         else:
-            trace_id = _getrandbits(128) or 1
             trace_state = _NO_TRACE_STATE
+            trace_id = new_trace_id or _getrandbits(128) or 1  # begin_new_trace drew one
             sampled = self.sampler.keeps(trace_id, info.path)
         span_context = _span_context(trace_id, _getrandbits(64) or 1, sampled, trace_state)
         request_id = headers.get(self.request_id_header)
@@ -263,84 +300,30 @@ class RequestTracer:
         return cleaned
 
 
-class Observation(SpanRecord):
-    """The root observation of one request, from ``begin`` to ``end``.
+class RequestState:
+    """What an adapter reports about a request, sampled or not (``Observation``, ``SampledOut``).
 
-    Exported as an OpenTelemetry SERVER span.
-
-    Once ended it is the export record itself: the export thread turns it into OTLP bytes
-    (``encode_span``), so attribute formatting and JSON encoding stay off the request path.
+    Plain attributes with class-level defaults rather than slots: a request sets only the
+    handful it needs, the rest are read from the class. Reports after ``end`` are ignored (the
+    export thread may be reading).
     """
 
-    KIND = SpanKind.SERVER
-    # Plain attributes with class-level defaults rather than slots: a request sets only the
-    # handful it needs, the rest are read from the class.
+    tracer: RequestTracer
+    request_id: str
+    span_context: SpanContext
+    start_ns: int
+    sampled = False
     route: str | None = None
     status: int | None = None
     exception: BaseException | None = None
     error: str | None = None
-    error_event: dict[str, str] | None = None
-    user_id: str | None = None
-    session_id: str | None = None
     bytes_sent = 0
     first_byte_ns = 0
     disconnected = False
-    linked: SpanContext | None = None
-    kept_by: str | None = None
-    claimed = False
     ended = False
-    end_ns = 0
-    # (incoming context, peer trusted) while user and session are still to be read.
-    pending: tuple[Incoming, bool] | None = None
-    _request_context: RequestContext | None = None
     otel_context: otel_context.Context | None = None
     _otel_token: Any = None
     _request_token: Any = None
-
-    def __init__(
-        self,
-        tracer: RequestTracer,
-        rt: runtime.Runtime,
-        info: RequestInfo,
-        request_id: str,
-        span_context: SpanContext,
-        parent: SpanContext | None,
-        sampled: bool,
-    ) -> None:
-        self.tracer = tracer
-        self.rt = rt
-        self.info = info
-        self.request_id = request_id
-        self.span_context = span_context
-        self.parent = parent
-        self.sampled = sampled
-        self.resource = rt.resource
-        self.scope = rt.scope
-        self.start_ns = _time_ns()
-
-    def _identities(self) -> None:
-        pending = self.pending
-        if pending is not None:
-            self.pending = None
-            self.tracer._resolve_identities(self, *pending)
-
-    def request_context(self) -> RequestContext:
-        """The public view of this request's ids (built on first use)."""
-        ctx = self._request_context
-        if ctx is None:
-            self._identities()
-            span = self.span_context
-            ctx = self._request_context = RequestContext(
-                self.request_id,
-                self.user_id,
-                self.session_id,
-                f"{span.trace_id:032x}",
-                f"{span.span_id:016x}",
-                self.otel_context,
-            )
-        return ctx
-
-    # -- what adapters report (ignored once ended: the export thread may be reading) ---------
 
     def set_route(self, template: str | None) -> None:
         """Record the matched route template (e.g. ``/items/{item_id}``)."""
@@ -370,66 +353,22 @@ class Observation(SpanRecord):
         if not self.ended:
             self.disconnected = True
 
-    # -- ending -------------------------------------------------------------------------------
+    def end(self, end_ns: int | None = None, route: Callable[[], str | None] | None = None) -> None:
+        """End the request (once; never raises): ``end_ns`` is when its last byte left."""
+        raise NotImplementedError
 
-    def end(self, end_ns: int | None = None) -> None:
-        """Queue the observation for export, once; never raises.
-
-        ``end_ns`` lets an adapter end the observation later than the last byte left (to
-        learn about an exception still on its way) while keeping the last byte's time.
-        """
-        if self.ended:
-            return
-        self.ended = True
-        try:
-            self.end_ns = end_ns or _time_ns()
-            exc = self.exception
-            if exc is not None:
-                # Format now and let go of the traceback: it keeps the request's frames alive.
-                self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
-                self.error_event = exception_attributes(exc)
-                self.exception = None
-            if not self.sampled:
-                # Not sampled: exported anyway when it failed or was slow (its children were
-                # not recorded, but the request itself is never invisible).
-                self.kept_by = self._kept_by(self.end_ns)
-                if self.kept_by is None:
-                    self._release()
-                    return
-                self._identities()
-            self._release()
-            queue = self.rt.queue
-            if queue is not None:
-                status = self.status
-                error = self.error is not None or (status is not None and status >= 500)
-                queue.emit(self, self.approx_size(), error)
-        except Exception as exc:
-            _failsafe.report("end", exc)
-
-    def _release(self) -> None:
-        # Only what the export needs stays referenced while the span waits in the queue
-        # (fewer live objects for the garbage collector to walk).
-        self.info.raw = None
-        if self.otel_context is not None:
-            self.otel_context = None
-        if self._request_context is not None:
-            self._request_context = None
-
-    def approx_size(self) -> int:
-        info = self.info
-        return 900 + len(info.path) + len(info.query) + len(info.headers.get("user-agent", ""))
-
-    def exported_if_ended(self, end_ns: int) -> bool:
-        """Whether ending now would export it (adapters skip costly details otherwise)."""
-        return self.sampled or self._kept_by(end_ns) is not None
+    def request_context(self) -> RequestContext:
+        """The public view of this request's ids (built on first use)."""
+        raise NotImplementedError
 
     def _kept_by(self, end_ns: int) -> str | None:
+        # Why a request the sampler dropped is exported anyway: it failed, or it was slow.
         if self.error is not None or self.exception is not None:
             return "error"
         if self.status is not None and self.status >= 500:
             return "error"
         slow = self.tracer._slow_ns
-        if slow and (end_ns or _time_ns()) - self.start_ns >= slow:
+        if slow and end_ns - self.start_ns >= slow:
             return "slow"
         return None
 
@@ -443,6 +382,194 @@ class Observation(SpanRecord):
         except Exception as exc:  # a token from another context: nothing left to restore
             _failsafe.report("detach", exc)
         self._request_token = self._otel_token = None
+
+
+class SampledOut(RequestState):
+    """A request the sampler dropped that brought no trace context, from begin to end.
+
+    It holds only what decides whether it is exported anyway (status, exception, duration)
+    and becomes an ``Observation`` if it is; its ``RequestInfo`` is built only then, or when
+    the handler asks for its user and session (``current_request()``).
+    """
+
+    _observation: Observation | None = None
+
+    def __init__(
+        self,
+        tracer: RequestTracer,
+        rt: runtime.Runtime,
+        request_id: str,
+        span_context: SpanContext,
+        make_info: Callable[[], RequestInfo],
+    ) -> None:
+        self.tracer = tracer
+        self.rt = rt
+        self.request_id = request_id
+        self.span_context = span_context
+        self.make_info = make_info
+        self.start_ns = _time_ns()
+
+    def request_context(self) -> RequestContext:
+        """The public view of this request's ids (built on first use)."""
+        return self._promoted().request_context()
+
+    def end(self, end_ns: int | None = None, route: Callable[[], str | None] | None = None) -> None:
+        """Export it as an Observation if it failed or was slow; otherwise drop it."""
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            end_ns = end_ns or _time_ns()
+            if self._kept_by(end_ns) is None:
+                self.exception = None  # let go of the traceback
+                return
+            obs = self._promoted()
+            obs.route, obs.status, obs.exception = self.route, self.status, self.exception
+            obs.bytes_sent, obs.first_byte_ns = self.bytes_sent, self.first_byte_ns
+            obs.disconnected = self.disconnected
+            self.exception = None
+            obs.end(end_ns, route)
+        except Exception as exc:
+            _failsafe.report("end", exc)
+
+    def _promoted(self) -> Observation:
+        obs = self._observation
+        if obs is None:
+            info = self.make_info()
+            tracer = self.tracer
+            obs = Observation(
+                tracer, self.rt, info, self.request_id, self.span_context, None, False
+            )
+            obs.start_ns = self.start_ns
+            obs.otel_context = self.otel_context
+            trusted = tracer.trust.peer_trusted(info.client_ip)
+            obs.pending = (NOTHING, trusted)  # user and session from headers, when asked
+            self._observation = obs
+        return obs
+
+
+class Observation(RequestState, SpanRecord):
+    """The root observation of one request, from ``begin`` to ``end``.
+
+    Exported as an OpenTelemetry SERVER span.
+
+    Once ended it is the export record itself: the export thread turns it into OTLP bytes
+    (``encode_span``), so attribute formatting and JSON encoding stay off the request path.
+    """
+
+    KIND = SpanKind.SERVER
+    error_event: dict[str, str] | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    linked: SpanContext | None = None
+    kept_by: str | None = None
+    claimed = False
+    end_ns = 0
+    # (incoming context, peer trusted) while user and session are still to be read.
+    pending: tuple[Incoming, bool] | None = None
+    _request_context: RequestContext | None = None
+
+    def __init__(
+        self,
+        tracer: RequestTracer,
+        rt: runtime.Runtime,
+        info: RequestInfo,
+        request_id: str,
+        span_context: SpanContext,
+        parent: SpanContext | None,
+        sampled: bool,
+    ) -> None:
+        self.tracer = tracer
+        self.rt = rt
+        self.info = info
+        self.request_id = request_id
+        self.span_context = span_context
+        self.parent = parent
+        self.sampled = sampled
+        self.start_ns = _time_ns()
+
+    def _identities(self) -> None:
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self.tracer._resolve_identities(self, *pending)
+
+    def request_context(self) -> RequestContext:
+        """The public view of this request's ids (built on first use)."""
+        ctx = self._request_context
+        if ctx is None:
+            self._identities()
+            span = self.span_context
+            ctx = self._request_context = RequestContext(
+                self.request_id,
+                self.user_id,
+                self.session_id,
+                f"{span.trace_id:032x}",
+                f"{span.span_id:016x}",
+                self.otel_context,
+            )
+        return ctx
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def end(self, end_ns: int | None = None, route: Callable[[], str | None] | None = None) -> None:
+        """Queue the observation for export, once; never raises.
+
+        ``end_ns`` lets an adapter end the observation later than the last byte left (to
+        learn about an exception still on its way) while keeping the last byte's time.
+        ``route`` names the route, called only if the observation is exported.
+        """
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            end_ns = self.end_ns = end_ns or _time_ns()
+            if not self.sampled:
+                # Not sampled: exported anyway when it failed or was slow (its children were
+                # not recorded, but the request itself is never invisible).
+                kept_by = self._kept_by(end_ns)
+                if kept_by is None:
+                    self.exception = None
+                    return
+                self.kept_by = kept_by
+                self._identities()
+            if route is not None:
+                self._name_route(route)
+            exc = self.exception
+            if exc is not None:
+                # Format now and let go of the traceback: it keeps the request's frames alive.
+                self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
+                self.error_event = exception_attributes(exc)
+                self.exception = None
+            self._release()
+            rt = self.rt
+            self.resource, self.scope = rt.resource, rt.scope
+            queue = rt.queue
+            if queue is not None:
+                status = self.status
+                error = self.error is not None or (status is not None and status >= 500)
+                queue.emit(self, self.approx_size(), error)
+        except Exception as exc:
+            _failsafe.report("end", exc)
+
+    def _name_route(self, route: Callable[[], str | None]) -> None:
+        try:
+            self.route = route()
+        except Exception as exc:  # an app shape the route lookup does not know
+            _failsafe.report("route", exc)
+
+    def _release(self) -> None:
+        # Only what the export needs stays referenced while the span waits in the queue
+        # (fewer live objects for the garbage collector to walk).
+        self.info.raw = None
+        if self.otel_context is not None:
+            self.otel_context = None
+        if self._request_context is not None:
+            self._request_context = None
+
+    def approx_size(self) -> int:
+        info = self.info
+        return 900 + len(info.path) + len(info.query) + len(info.headers.get("user-agent", ""))
 
     # -- export (runs on the export thread) ---------------------------------------------------
 

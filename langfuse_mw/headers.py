@@ -28,15 +28,19 @@ REDACTED = "[REDACTED]"
 _getrandbits = random.getrandbits
 
 
+# Version 4 and the RFC 4122 variant in 128 random bits.
+_UUID4_KEEP = ~(0xF000 << 64) & ~(0xC << 60) & (1 << 128) - 1
+_UUID4_SET = (0x4000 << 64) | (0x8 << 60)
+
+
 def new_request_id() -> str:
     """Return a fresh UUID4-formatted request id.
 
     ``random`` (reseeded after fork by CPython) rather than ``uuid4()``: ``os.urandom`` releases the
     GIL on every call, which starved the export thread under load in our measurements.
     """
-    bits = (_getrandbits(128) & ~(0xF000 << 64) | (0x4000 << 64)) & ~(0xC << 60) | (0x8 << 60)
-    text = f"{bits:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    text = (_getrandbits(128) & _UUID4_KEEP | _UUID4_SET).to_bytes(16).hex()
+    return "-".join((text[:8], text[8:12], text[12:16], text[16:20], text[20:]))
 
 
 def is_valid_request_id(value: str) -> bool:

@@ -33,10 +33,14 @@ class Sampler:
             (re.compile(r[3:] if r.startswith("re:") else template_regex(r)), _bound(rate))
             for r, rate in rules
         ]
+        # Every trace that starts here is kept (rate 1 and no lower rule).
+        self.always_keeps = all(b > _LOW_64 for b in [self._bound, *(b for _, b in self._rules)])
 
     def keeps(self, trace_id: int, path: str) -> bool:
         """The decision for a trace that starts here (the first matching rule wins)."""
         bound = self._bound
+        if not self._rules:
+            return (trace_id & _LOW_64) < bound
         for pattern, rule_bound in self._rules:
             if pattern.fullmatch(path):
                 bound = rule_bound

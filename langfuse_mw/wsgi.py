@@ -15,13 +15,13 @@ from ._wsgi import (
     ResponseBody,
     StartResponse,
     WSGIApp,
+    begin,
     content_length,
-    environ_info,
     header_keys,
     request_path,
 )
 from .config import resolve_settings
-from .core import Observation, RequestTracer
+from .core import RequestState, RequestTracer
 
 __all__ = ["LangfuseWSGIMiddleware", "note_exception"]
 
@@ -58,7 +58,7 @@ class LangfuseWSGIMiddleware:
             return [tracer.health_json()]
         if tracer.is_excluded(method, path):
             return self.app(environ, start_response)
-        obs = tracer.begin(environ_info(environ, self.keys, method, path, self.framework, environ))
+        obs = begin(tracer, environ, self.keys, method, path, self.framework, environ)
         if obs is None:
             return self.app(environ, start_response)
         exchange = _Exchange(self, obs, environ, start_response)
@@ -91,7 +91,7 @@ class _Exchange:
     __slots__ = ("environ", "length", "mw", "noted", "obs", "server_start", "server_write")
 
     def __init__(
-        self, mw: LangfuseWSGIMiddleware, obs: Observation, environ: Environ,
+        self, mw: LangfuseWSGIMiddleware, obs: RequestState, environ: Environ,
         start_response: StartResponse,
     ) -> None:  # fmt: skip
         self.obs, self.mw, self.environ = obs, mw, environ

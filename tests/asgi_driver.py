@@ -28,6 +28,7 @@ async def call(
     query: bytes = b"",
     headers: list[tuple[bytes, bytes]] | None = None,
     disconnect_after_chunks: int | None = None,
+    client: tuple[str, int] = ("127.0.0.1", 50000),
 ) -> Result:
     """Send one HTTP request to ``app``; optionally disconnect after N body chunks."""
     result = Result()
@@ -45,7 +46,7 @@ async def call(
         "root_path": "",
         "query_string": query,
         "headers": [(b"host", b"testserver"), *(headers or [])],
-        "client": ("127.0.0.1", 50000),
+        "client": client,
         "server": ("testserver", 80),
         "state": {},
     }

@@ -17,6 +17,7 @@ from opentelemetry import trace as otel_trace
 
 from langfuse_mw import get_request_context, health
 from langfuse_mw.testing import LangfuseCapture
+from tests.compare import comparable
 from tests.corpus import (
     BAD_ID_VALUES,
     BAD_TRACEPARENTS,
@@ -425,3 +426,28 @@ def test_tracing_failures_never_reach_the_request(
         assert (result.status, result.body) == (expected.status, expected.body)
     assert health()["internal_errors"] == {"user_id_from": 3}
     assert len([r for r in caplog.records if "tracing error" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "kept_by"),
+    [("/boom", "error"), ("/status/503", "error"), ("/items/3", "slow"), ("/stream", "slow")],
+)
+def test_a_kept_sampled_out_request_is_exported_as_a_sampled_one(
+    langfuse_capture: LangfuseCapture, adapter: Adapter, path: str, kept_by: str
+) -> None:
+    # A request the sampler drops that brought no trace context takes a lighter path (the
+    # request is read only if it is kept): what it exports and answers must not change.
+    ids = [(b"x-user-id", b"u-7"), (b"x-session-id", b"s-7"), (b"x-request-id", b"r-7"),
+           (b"user-agent", b"agent/7")]  # fmt: skip
+    before = time.time_ns()
+    out = traced(adapter, sample_rate=0.0, slow_threshold=1e-9)(path, headers=ids)
+    after = time.time_ns()
+    sampled = traced(adapter, sample_rate=1.0, slow_threshold=1e-9)(path, headers=ids)
+    dropped, kept = [s for s in langfuse_capture.spans() if s["parent_span_id"] is None]
+    assert (out.status, out.body) == (sampled.status, sampled.body)
+    assert repr(out.exception) == repr(sampled.exception)  # plain WSGI: /boom raises
+    assert out.header(b"x-request-id") == sampled.header(b"x-request-id")
+    assert out.status is None or out.header(b"x-request-id") == b"r-7"
+    assert dropped["metadata"]["keptBy"] == kept_by and "keptBy" not in kept["metadata"]
+    assert comparable(dropped) == comparable(kept)
+    assert before <= dropped["start_time_unix_nano"] <= dropped["end_time_unix_nano"] <= after

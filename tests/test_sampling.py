@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import time
+import uuid
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
@@ -11,7 +14,9 @@ from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from langfuse_mw.sampling import Sampler, template_regex
 from langfuse_mw.testing import capture_langfuse
 from tests.asgi_driver import call
+from tests.compare import comparable
 from tests.conftest import traced_app
+from tests.corpus import BAD_ID_VALUES
 
 pytestmark = pytest.mark.anyio
 
@@ -136,3 +141,68 @@ async def test_a_public_edge_ignores_crafted_trace_ids_and_flags() -> None:
         assert 0.18 <= len(kept) / 5000 <= 0.22
         assert len({s["trace_id"] for s in kept}) == len(kept)
         assert all(s["parent_span_id"] is None for s in kept)
+
+
+# A request the sampler drops that brought no trace context takes a lighter path (its request
+# is read only if it is kept): what it exports, echoes and shows the handler must not change.
+IDS = [(b"x-user-id", b"u-7"), (b"x-session-id", b"s-7"), (b"x-request-id", b"r-7"),
+       (b"user-agent", b"agent/7")]  # fmt: skip
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+@pytest.mark.parametrize(
+    ("path", "kept_by"), [("/boom", "error"), ("/status/503", "error"), ("/items/3", "slow")]
+)
+async def test_a_kept_sampled_out_request_is_exported_as_a_sampled_one(
+    framework: str, path: str, kept_by: str
+) -> None:
+    # slow_threshold of a nanosecond: every request is slow, so /items/3 is kept for that.
+    options: dict[str, Any] = {"slow_threshold": 1e-9}
+    with capture_langfuse() as capture:
+        before = time.time_ns()
+        out = await call(traced_app(framework, sample_rate=0.0, **options), path, headers=IDS)
+        after = time.time_ns()
+        sampled = await call(traced_app(framework, sample_rate=1.0, **options), path, headers=IDS)
+        dropped, kept = [s for s in capture.spans() if s["parent_span_id"] is None]
+    assert (out.status, out.body, out.headers) == (sampled.status, sampled.body, sampled.headers)
+    if path != "/boom":  # Starlette's own 500 is sent from outside add_middleware's reach
+        assert out.header(b"x-request-id") == b"r-7"
+    assert dropped["metadata"]["keptBy"] == kept_by and "keptBy" not in kept["metadata"]
+    assert comparable(dropped) == comparable(kept)
+    # Timed from the start of the request (not from when it was found worth keeping).
+    assert before <= dropped["start_time_unix_nano"] <= dropped["end_time_unix_nano"] <= after
+
+
+async def test_the_handler_sees_the_ids_a_kept_sampled_out_request_is_exported_with() -> None:
+    with capture_langfuse() as capture:
+        app = traced_app("starlette", sample_rate=0.0, slow_threshold=1e-9)
+        seen = json.loads((await call(app, "/ctx", headers=IDS)).body)
+        root = capture.single(name="GET /ctx")
+    assert seen == {
+        "request_id": "r-7", "user_id": "u-7", "session_id": "s-7",
+        "trace_id": root["trace_id"], "observation_id": root["span_id"],
+    }  # fmt: skip
+    assert (root["user_id"], root["session_id"]) == ("u-7", "s-7")
+
+
+@pytest.mark.parametrize("value", BAD_ID_VALUES)
+async def test_a_sampled_out_request_replaces_a_bad_request_id(value: bytes) -> None:
+    with capture_langfuse() as capture:
+        app = traced_app("starlette", sample_rate=0.0)
+        result = await call(app, "/status/503", headers=[(b"x-request-id", value)])
+        root = capture.single(name="GET /status/{code:int}")
+    echoed = result.header(b"x-request-id")
+    assert echoed is not None and echoed != value
+    assert result.status == 503
+    assert str(uuid.UUID(echoed.decode())) == echoed.decode()
+    assert root["metadata"]["requestId"] == echoed.decode()
+
+
+async def test_identity_headers_of_an_untrusted_peer_are_ignored_when_sampled_out() -> None:
+    with capture_langfuse() as capture:
+        app = traced_app("starlette", sample_rate=0.0, trusted_networks=["10.0.0.0/8"])
+        await call(app, "/boom", headers=IDS, client=("203.0.113.9", 4000))
+        await call(app, "/boom", headers=IDS, client=("10.1.2.3", 4000))
+        outside, inside = capture.spans(name="GET /boom")
+    assert (outside["user_id"], outside["session_id"]) == (None, None)
+    assert (inside["user_id"], inside["session_id"]) == ("u-7", "s-7")

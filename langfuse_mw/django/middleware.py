@@ -19,8 +19,8 @@ from django.http import Http404, HttpResponse  # type: ignore[import-untyped]
 from django.http.multipartparser import MultiPartParserError  # type: ignore[import-untyped]
 
 from .. import runtime
-from .._wsgi import ResponseBody, content_length, environ_info
-from ..core import Observation
+from .._wsgi import ResponseBody, begin, content_length
+from ..core import RequestState
 from . import conf
 
 __all__ = ["LangfuseMiddleware"]
@@ -55,7 +55,7 @@ class LangfuseMiddleware:
         if self.is_async:
             return self.__acall__(request)
         obs = self._begin(request)
-        if not isinstance(obs, Observation):
+        if not isinstance(obs, RequestState):
             return obs if obs is not None else self.get_response(request)
         try:
             return self._respond(request, self.get_response(request), obs)
@@ -67,7 +67,7 @@ class LangfuseMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> Response:
         obs = self._begin(request)
-        if not isinstance(obs, Observation):
+        if not isinstance(obs, RequestState):
             return obs if obs is not None else await self.get_response(request)
         try:
             get_response: Callable[[HttpRequest], Awaitable[Response]] = self.get_response
@@ -82,7 +82,7 @@ class LangfuseMiddleware:
         """Note the view's exception; recorded if the response it leads to is a 5xx."""
         _note(request, exception)
 
-    def _begin(self, request: HttpRequest) -> Observation | Response | None:
+    def _begin(self, request: HttpRequest) -> RequestState | Response | None:
         state = conf.state()
         tracer = state.tracer
         path, method = request.path, request.method or "GET"
@@ -93,12 +93,12 @@ class LangfuseMiddleware:
                                 headers={"Cache-Control": "no-store"})  # fmt: skip
         if tracer.is_excluded(method, path):
             return None
-        obs = tracer.begin(environ_info(request.META, state.keys, method, path, "django", request))
+        obs = begin(tracer, request.META, state.keys, method, path, "django", request)
         if obs is not None:
             setattr(request, _OBS, obs)
         return obs
 
-    def _respond(self, request: HttpRequest, response: Response, obs: Observation) -> Response:
+    def _respond(self, request: HttpRequest, response: Response, obs: RequestState) -> Response:
         _set_route(request, obs)
         status = response.status_code
         obs.set_status(status)
@@ -125,12 +125,12 @@ class LangfuseMiddleware:
         return response
 
 
-def _set_route(request: HttpRequest, obs: Observation) -> None:
+def _set_route(request: HttpRequest, obs: RequestState) -> None:
     match = getattr(request, "resolver_match", None)
     obs.set_route(match.route if match is not None else None)
 
 
-def _fail(request: HttpRequest, obs: Observation, exc: BaseException) -> None:
+def _fail(request: HttpRequest, obs: RequestState, exc: BaseException) -> None:
     # Only with DEBUG_PROPAGATE_EXCEPTIONS (or a failure of ours): Django turns the rest
     # into responses.
     _set_route(request, obs)
@@ -151,7 +151,7 @@ def _on_exception(sender: Any, request: Any = None, **kwargs: Any) -> None:
     _note(request, sys.exc_info()[1])
 
 
-async def _astream(content: AsyncIterator[bytes], obs: Observation) -> AsyncIterator[bytes]:
+async def _astream(content: AsyncIterator[bytes], obs: RequestState) -> AsyncIterator[bytes]:
     # Django iterates after the middleware returned and reset the context: each step of the
     # view's iterator runs with the request current again (an async twin of ResponseBody).
     body = ResponseBody(obs, ())
