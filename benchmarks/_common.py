@@ -132,6 +132,8 @@ def noop(*args: Any) -> None:
 # request-path table times the request's thread alone (a batch exported mid-round would land
 # in whichever request held the GIL). The total-CPU table flushes inside the measurement.
 ROUND_CAPACITY = 1_000_000
+# A caller that continued its trace without sampling it (W3C trace flags 00).
+NOT_SAMPLED_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", str(ROUND_CAPACITY))  # the naive client's
 
 

@@ -4,6 +4,9 @@ Variants, alternated round by round:
   bare                        the app alone
   langfuse_mw                 LangfuseMiddleware, 100 % traced, user/session/request id
   langfuse_mw (not sampled)   sample_rate=0: a request the sampler drops (kept only if it fails)
+  langfuse_mw (caller did not sample)
+                              a traceparent with flags 00: the caller's decision is followed,
+                              which reads the whole request first
   langfuse_mw (excluded path) a request LangfuseMiddleware skips (exclude_paths)
   otel asgi (1 span)          opentelemetry-instrumentation-asgi, exclude_spans=receive/send
   naive langfuse (docs)       the @app.middleware("http") example from the Langfuse docs
@@ -42,6 +45,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from benchmarks._common import (
+    NOT_SAMPLED_PARENT,
     ROUND_CAPACITY,
     EncodingExporter,
     EncodingSink,
@@ -83,7 +87,9 @@ def make_app(framework: str = "starlette") -> Any:
     return Starlette(routes=[Route("/items/{item_id}", hello), Route("/health", hello)])
 
 
-def driver(app: Any, path: str) -> Callable[[int], float]:
+def driver(
+    app: Any, path: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> Callable[[int], float]:
     """Return run(n) -> seconds for n sequential requests through the ASGI callable."""
     scope_template = {
         "type": "http",
@@ -95,7 +101,7 @@ def driver(app: Any, path: str) -> Callable[[int], float]:
         "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"page=2",
-        "headers": HEADERS,
+        "headers": HEADERS + (extra or []),
         "client": ("127.0.0.1", 50000),
         "server": ("bench", 80),
     }
@@ -201,6 +207,11 @@ def main() -> None:
             "langfuse_mw": driver(langfuse_mw_app(sink, framework), "/items/1"),
             "langfuse_mw (not sampled)": driver(
                 langfuse_mw_app(sink, framework, sample_rate=0.0), "/items/1"
+            ),
+            "langfuse_mw (caller did not sample)": driver(
+                langfuse_mw_app(sink, framework),
+                "/items/1",
+                [(b"traceparent", NOT_SAMPLED_PARENT.encode())],
             ),
             # The same route, excluded: only the middleware's own work differs from bare.
             "langfuse_mw (excluded path)": driver(

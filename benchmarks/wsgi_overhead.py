@@ -4,6 +4,9 @@ Variants, alternated round by round:
   bare                        the Flask app alone
   langfuse_mw                 LangfuseFlask, 100 % traced, user/session/request id
   langfuse_mw (not sampled)   sample_rate=0: a request the sampler drops (kept only if it fails)
+  langfuse_mw (caller did not sample)
+                              a traceparent with flags 00: the caller's decision is followed,
+                              which reads the whole request first
   langfuse_mw (excluded path) a request LangfuseFlask skips (exclude_paths)
   otel wsgi (1 span)          opentelemetry-instrumentation-wsgi's OpenTelemetryMiddleware
                               on app.wsgi_app, with a batch processor
@@ -33,6 +36,7 @@ from flask import Flask
 from opentelemetry.sdk.trace import TracerProvider
 
 from benchmarks._common import (
+    NOT_SAMPLED_PARENT,
     EncodingExporter,
     EncodingSink,
     deferred_processor,
@@ -58,7 +62,7 @@ def make_app() -> Flask:
     return app
 
 
-def driver(app: Any, path: str) -> Callable[[int], float]:
+def driver(app: Any, path: str, extra: dict[str, str] | None = None) -> Callable[[int], float]:
     """Return run(n) -> seconds for n sequential requests through the WSGI callable."""
     template = {
         "REQUEST_METHOD": "GET",
@@ -76,6 +80,7 @@ def driver(app: Any, path: str) -> Callable[[int], float]:
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
         **HEADERS,
+        **(extra or {}),
     }
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
@@ -133,6 +138,9 @@ def main() -> None:
         "bare": driver(make_app(), "/items/1"),
         "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
         "langfuse_mw (not sampled)": driver(langfuse_mw_app(sink, sample_rate=0.0), "/items/1"),
+        "langfuse_mw (caller did not sample)": driver(
+            langfuse_mw_app(sink), "/items/1", {"HTTP_TRACEPARENT": NOT_SAMPLED_PARENT}
+        ),
         # The same route, excluded: only the middleware's own work differs from bare.
         "langfuse_mw (excluded path)": driver(
             langfuse_mw_app(sink, exclude_paths=["/items/.*"]), "/items/1"
