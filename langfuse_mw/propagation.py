@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from opentelemetry import baggage as otel_baggage
 from opentelemetry import trace as otel_trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import DEFAULT_TRACE_STATE, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import _failsafe
@@ -121,6 +122,32 @@ def _parent(headers: Mapping[str, str]) -> SpanContext | None:
     if len(traceparent) > MAX_TRACEPARENT or "," in traceparent:
         _failsafe.reject("traceparent")
         return None
+    fast = _plain_parent(traceparent, headers.get("tracestate"))
+    return fast if fast is not None else _propagator_parent(traceparent, headers)
+
+
+# Version 00, as nearly every caller sends it; the propagator (regex, context, span object)
+# costs ~7 µs where this costs ~1. It accepts only what the propagator accepts identically
+# and leaves everything else (other versions, whitespace, zero ids) to it.
+_PLAIN_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE_ID, _ZERO_SPAN_ID = "0" * 32, "0" * 16
+
+
+def _plain_parent(traceparent: str, tracestate: str | None) -> SpanContext | None:
+    match = _PLAIN_TRACEPARENT.fullmatch(traceparent)
+    if match is None:
+        return None
+    trace_id, span_id, flags = match.groups()
+    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+        return None
+    state = DEFAULT_TRACE_STATE if tracestate is None else TraceState.from_header([tracestate])
+    # SpanContext(...) would check again what the pattern checked; this is the same tuple:
+    # (trace_id, span_id, is_remote, flags, state, is_valid).
+    values = (int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)), state, True)
+    return tuple.__new__(SpanContext, values)
+
+
+def _propagator_parent(traceparent: str, headers: Mapping[str, str]) -> SpanContext | None:
     carrier = {"traceparent": traceparent}
     tracestate = headers.get("tracestate")
     if tracestate is not None:
@@ -141,6 +168,32 @@ def _baggage_entries(raw: str | None) -> dict[str, str]:
     ):
         _failsafe.reject("baggage")
         return {}
+    plain = _plain_baggage(raw)
+    return plain if plain is not None else _propagator_baggage(raw)
+
+
+# Members of plain key=value form (no properties, no percent-encoding, no "+", no spaces
+# around "="): what the propagator would decode to themselves. ~1 µs where the propagator
+# costs ~15; any other member sends the whole header to the propagator.
+_MEMBER_SPLIT = re.compile(r"[ \t]*,[ \t]*")
+_PLAIN_MEMBER = re.compile(
+    r"([\x21\x23\x24\x26\x27\x2a\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+)"
+    r"=([\x21\x23\x24\x26-\x2a\x2d-\x3a\x3c-\x5b\x5d-\x7e]*)"
+)
+MAX_BAGGAGE_MEMBER = 4096
+
+
+def _plain_baggage(raw: str) -> dict[str, str] | None:
+    entries: dict[str, str] = {}
+    for member in _MEMBER_SPLIT.split(raw.strip(" \t")):
+        match = _PLAIN_MEMBER.fullmatch(member) if len(member) <= MAX_BAGGAGE_MEMBER else None
+        if match is None:
+            return None
+        entries[match[1]] = match[2]
+    return entries
+
+
+def _propagator_baggage(raw: str) -> dict[str, str]:
     token = _quiet.set(True)
     try:
         entries = otel_baggage.get_all(_baggage.extract({"baggage": raw}, Context()))
