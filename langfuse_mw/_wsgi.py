@@ -55,16 +55,19 @@ def begin(
 ) -> RequestState | None:  # fmt: skip
     """``tracer.begin`` for a WSGI environ (or Django's ``request.META``).
 
-    A request that brought no trace context is decided first: if the sampler drops it, its
-    ``RequestInfo`` is built only when needed (``RequestTracer.begin_new_trace``).
+    Without baggage the sampling decision comes first, from the few headers it needs: if
+    the request is not sampled, its ``RequestInfo`` is built only when needed
+    (``RequestTracer.begin_lazy``).
     """
 
     def info() -> RequestInfo:
         return environ_info(environ, keys, method, path, framework, raw)
 
-    if not tracer.may_sample_out or "HTTP_TRACEPARENT" in environ or "HTTP_BAGGAGE" in environ:
+    if not tracer.may_sample_out or "HTTP_BAGGAGE" in environ:
         return tracer.begin(info())
-    return tracer.begin_new_trace(path, environ.get(_environ_key(tracer.request_id_header)), info)
+    request_id = environ.get(_environ_key(tracer.request_id_header))
+    traceparent, tracestate = environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE")
+    return tracer.begin_lazy(path, request_id, traceparent, tracestate, info)
 
 
 def environ_info(

@@ -30,8 +30,10 @@ class LangfuseMiddleware:
         self.tracer = RequestTracer(self.settings)
         self._rid_name = self.settings.request_id_header.encode("latin-1")
         self._echoes = self.settings.echo_request_id
-        # The headers read before a sampling decision: True for the request id.
-        self._early_headers = {b"traceparent": False, b"baggage": False, self._rid_name: True}
+        # The headers read before a sampling decision (their index in _begin's list).
+        self._early_headers = {
+            self._rid_name: 0, b"traceparent": 1, b"tracestate": 2, b"baggage": -1,
+        }  # fmt: skip
         runtime.get_runtime(self.settings)  # build (or warn about) the runtime at start-up
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,20 +81,24 @@ class LangfuseMiddleware:
         tracer = self.tracer
         if kind != "http" or not tracer.may_sample_out:
             return tracer.begin(self._info(scope, kind))
-        # Sampling may drop it: if the caller sent no trace context, decide before reading
-        # the request (most requests at a low rate read nothing but the request id).
-        request_id = None
+        # Sampling may drop it: read the few headers the decision needs and decide first
+        # (most requests at a low rate read nothing else). Baggage is the caller's to pass
+        # on and may carry user and session: that request is read whole.
+        found: list[str | None] = [None, None, None]  # request id, traceparent, tracestate
         early = self._early_headers
         for name, value in scope.get("headers") or ():
             which = early.get(name)
             if which is None:
                 continue
-            if not which:  # traceparent or baggage: the caller's decision and ids count
+            if which < 0:
                 return tracer.begin(self._info(scope, kind))
             text = value.decode("latin-1")
-            request_id = text if request_id is None else f"{request_id},{text}"
+            seen = found[which]
+            found[which] = text if seen is None else f"{seen},{text}"
         path = scope.get("path", "")
-        return tracer.begin_new_trace(path, request_id, lambda: self._info(scope, kind, path))
+        return tracer.begin_lazy(
+            path, found[0], found[1], found[2], lambda: self._info(scope, kind, path)
+        )
 
     def _info(self, scope: Scope, kind: str, path: str | None = None) -> RequestInfo:
         """The core's view of the request; ``path`` as it was before routers rewrote it."""

@@ -3,9 +3,9 @@
 An adapter turns its request into a ``RequestInfo``, calls ``RequestTracer.begin`` and reports
 what happens (route, status, body bytes, exception, disconnect) to the returned ``Observation``,
 then calls ``end()`` when the last byte left and ``detach()`` where ``begin`` ran. A request
-that brought no trace context goes through ``begin_new_trace`` instead, which decides first:
-one the sampler drops is a light ``SampledOut`` (same reporting methods) that reads the
-request and becomes an ``Observation`` only if it fails or is slow.
+that brought no baggage goes through ``begin_lazy`` instead, which decides first: one the
+sampler drops (or whose caller did not sample it) is a light ``SampledOut`` (same reporting
+methods) that reads the request and becomes an ``Observation`` only if it fails or is slow.
 
 The root observation is not an OpenTelemetry SDK span while the request runs: the request's
 OTel context holds only its span context (so the handler's Langfuse observations nest under
@@ -37,7 +37,7 @@ from .context import RequestContext, attach_otel, detach_otel
 from .context import _current as _request_var
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
-from .propagation import NOTHING, Incoming, TrustPolicy, read_incoming
+from .propagation import NOTHING, Incoming, TrustPolicy, plain_parent, read_incoming
 from .sampling import Sampler
 
 __all__ = ["Observation", "RequestInfo", "RequestState", "RequestTracer", "SampledOut"]
@@ -117,8 +117,8 @@ class RequestTracer:
         self._identity_callables = (
             settings.user_id_from is not None or settings.session_id_from is not None
         )
-        # Whether begin_new_trace can drop a request (identity callables run at begin, on
-        # the framework's request object, so they need the full path).
+        # Whether begin_lazy can drop a request before reading it (identity callables run
+        # at begin, on the framework's request object, so they need the full path).
         self.may_sample_out = not self._identity_callables and not self.sampler.always_keeps
         names = {
             settings.request_id_header,
@@ -156,26 +156,50 @@ class RequestTracer:
             _failsafe.report("begin", exc)
             return None
 
-    def begin_new_trace(
-        self, path: str, request_id: str | None, make_info: Callable[[], RequestInfo]
-    ) -> Observation | SampledOut | None:
-        """``begin`` for a request that brought no trace context (no traceparent, no baggage).
+    def begin_lazy(
+        self,
+        path: str,
+        request_id: str | None,
+        traceparent: str | None,
+        tracestate: str | None,
+        make_info: Callable[[], RequestInfo],
+    ) -> RequestState | None:
+        """``begin`` for a request that brought no baggage, deciding before reading it.
 
-        The sampling decision comes first, so a request the sampler drops gets a light
-        ``SampledOut`` and its ``RequestInfo`` is built only if someone needs it.
+        The adapter passes the few headers the decision needs. A request the sampler drops
+        (or whose caller did not sample it) gets a light ``SampledOut``: its ``RequestInfo``
+        is built only if it is kept or someone asks for its user and session. Any other
+        request goes on to ``begin`` with ``make_info()``.
         """
         try:
             rt = runtime._runtime or runtime.get_runtime(self.settings)
             if not rt.enabled:
                 return None
-            trace_id = _getrandbits(128) or 1
-            if self._identity_callables or self.sampler.keeps(trace_id, path):
-                return self._begin(make_info(), rt, trace_id)
+            parent = None
+            trust = self.trust
+            if self._identity_callables:
+                return self._begin(make_info(), rt)
+            if traceparent is None or trust.mode == "ignore":
+                trace_id = _getrandbits(128) or 1
+                if self.sampler.keeps(trace_id, path):
+                    return self._begin(make_info(), rt, trace_id)
+                trace_state = _NO_TRACE_STATE
+            else:
+                # Continued only in the plain case: no network to check the peer against,
+                # a version-00 header, and a caller that did not sample the trace.
+                if trust.mode != "continue" or trust.networks:
+                    return self._begin(make_info(), rt)
+                parent = plain_parent(traceparent, tracestate)
+                if parent is None or parent.trace_flags.sampled:
+                    return self._begin(make_info(), rt)
+                trace_id, trace_state = parent.trace_id, parent.trace_state
             if request_id is not None and not self._check_request_id(request_id):
                 _failsafe.reject("request_id")
                 request_id = None
-            span_context = _span_context(trace_id, _getrandbits(64) or 1, False, _NO_TRACE_STATE)
-            out = SampledOut(self, rt, request_id or new_request_id(), span_context, make_info)
+            span_context = _span_context(trace_id, _getrandbits(64) or 1, False, trace_state)
+            out = SampledOut(
+                self, rt, request_id or new_request_id(), span_context, parent, make_info
+            )
             # Its handler's observations find a parent that says "not sampled".
             ctx = otel_context.Context({_SPAN_KEY: NonRecordingSpan(span_context)})
             out.otel_context = ctx
@@ -201,7 +225,7 @@ class RequestTracer:
             sampled = parent.trace_flags.sampled
         else:
             trace_state = _NO_TRACE_STATE
-            trace_id = new_trace_id or _getrandbits(128) or 1  # begin_new_trace drew one
+            trace_id = new_trace_id or _getrandbits(128) or 1  # begin_lazy drew one
             sampled = self.sampler.keeps(trace_id, info.path)
         span_context = _span_context(trace_id, _getrandbits(64) or 1, sampled, trace_state)
         request_id = headers.get(self.request_id_header)
@@ -385,7 +409,7 @@ class RequestState:
 
 
 class SampledOut(RequestState):
-    """A request the sampler dropped that brought no trace context, from begin to end.
+    """A request that is not sampled and brought no baggage, from begin to end.
 
     It holds only what decides whether it is exported anyway (status, exception, duration)
     and becomes an ``Observation`` if it is; its ``RequestInfo`` is built only then, or when
@@ -400,12 +424,14 @@ class SampledOut(RequestState):
         rt: runtime.Runtime,
         request_id: str,
         span_context: SpanContext,
+        parent: SpanContext | None,
         make_info: Callable[[], RequestInfo],
     ) -> None:
         self.tracer = tracer
         self.rt = rt
         self.request_id = request_id
         self.span_context = span_context
+        self.parent = parent
         self.make_info = make_info
         self.start_ns = _time_ns()
 
@@ -438,7 +464,7 @@ class SampledOut(RequestState):
             info = self.make_info()
             tracer = self.tracer
             obs = Observation(
-                tracer, self.rt, info, self.request_id, self.span_context, None, False
+                tracer, self.rt, info, self.request_id, self.span_context, self.parent, False
             )
             obs.start_ns = self.start_ns
             obs.otel_context = self.otel_context

@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from . import _failsafe
 
-__all__ = ["Incoming", "TrustPolicy", "read_incoming"]
+__all__ = ["Incoming", "TrustPolicy", "plain_parent", "read_incoming"]
 
 MAX_TRACEPARENT = 512
 MAX_BAGGAGE_BYTES = 8192
@@ -122,7 +122,7 @@ def _parent(headers: Mapping[str, str]) -> SpanContext | None:
     if len(traceparent) > MAX_TRACEPARENT or "," in traceparent:
         _failsafe.reject("traceparent")
         return None
-    fast = _plain_parent(traceparent, headers.get("tracestate"))
+    fast = plain_parent(traceparent, headers.get("tracestate"))
     return fast if fast is not None else _propagator_parent(traceparent, headers)
 
 
@@ -133,7 +133,8 @@ _PLAIN_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})
 _ZERO_TRACE_ID, _ZERO_SPAN_ID = "0" * 32, "0" * 16
 
 
-def _plain_parent(traceparent: str, tracestate: str | None) -> SpanContext | None:
+def plain_parent(traceparent: str, tracestate: str | None) -> SpanContext | None:
+    """The caller's span from a plain version-00 ``traceparent``; None for anything else."""
     match = _PLAIN_TRACEPARENT.fullmatch(traceparent)
     if match is None:
         return None

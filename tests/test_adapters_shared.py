@@ -432,22 +432,35 @@ def test_tracing_failures_never_reach_the_request(
     ("path", "kept_by"),
     [("/boom", "error"), ("/status/503", "error"), ("/items/3", "slow"), ("/stream", "slow")],
 )
+@pytest.mark.parametrize("continued", [False, True], ids=["new-trace", "caller-flags-00"])
 def test_a_kept_sampled_out_request_is_exported_as_a_sampled_one(
-    langfuse_capture: LangfuseCapture, adapter: Adapter, path: str, kept_by: str
-) -> None:
-    # A request the sampler drops that brought no trace context takes a lighter path (the
-    # request is read only if it is kept): what it exports and answers must not change.
+    langfuse_capture: LangfuseCapture, adapter: Adapter, path: str, kept_by: str,
+    continued: bool,
+) -> None:  # fmt: skip
+    # A request that is not sampled and brought no baggage takes a lighter path (the request
+    # is read only if it is kept): what it exports and answers must not change. Continued:
+    # the caller's flag decides (00 drops it, 01 keeps it), whatever the rate.
     ids = [(b"x-user-id", b"u-7"), (b"x-session-id", b"s-7"), (b"x-request-id", b"r-7"),
            (b"user-agent", b"agent/7")]  # fmt: skip
+    parent = f"00-{VALID_TRACE_ID}-{VALID_PARENT_ID}-"
+    options: dict[str, Any] = {"slow_threshold": 1e-9, "sample_rate": 0.0}
+    caller = [(b"traceparent", (parent + "00").encode())] if continued else []
     before = time.time_ns()
-    out = traced(adapter, sample_rate=0.0, slow_threshold=1e-9)(path, headers=ids)
+    out = traced(adapter, **options)(path, headers=ids + caller)
     after = time.time_ns()
-    sampled = traced(adapter, sample_rate=1.0, slow_threshold=1e-9)(path, headers=ids)
-    dropped, kept = [s for s in langfuse_capture.spans() if s["parent_span_id"] is None]
+    if continued:
+        caller = [(b"traceparent", (parent + "01").encode())]
+    else:
+        options["sample_rate"] = 1.0
+    sampled = traced(adapter, **options)(path, headers=ids + caller)
+    dropped, kept = [s for s in langfuse_capture.spans() if s["kind"] == 2]  # SERVER: roots
     assert (out.status, out.body) == (sampled.status, sampled.body)
     assert repr(out.exception) == repr(sampled.exception)  # plain WSGI: /boom raises
     assert out.header(b"x-request-id") == sampled.header(b"x-request-id")
     assert out.status is None or out.header(b"x-request-id") == b"r-7"
     assert dropped["metadata"]["keptBy"] == kept_by and "keptBy" not in kept["metadata"]
     assert comparable(dropped) == comparable(kept)
+    if continued:
+        assert dropped["trace_id"] == kept["trace_id"] == VALID_TRACE_ID
+        assert dropped["parent_span_id"] == VALID_PARENT_ID
     assert before <= dropped["start_time_unix_nano"] <= dropped["end_time_unix_nano"] <= after

@@ -15,9 +15,9 @@ from langfuse_mw.propagation import (
     _baggage_entries,
     _parent,
     _plain_baggage,
-    _plain_parent,
     _propagator_baggage,
     _propagator_parent,
+    plain_parent,
 )
 from tests.corpus import BAD_TRACEPARENTS, VALID_TRACEPARENT
 
@@ -60,7 +60,7 @@ def test_traceparent_reader_answers_what_the_propagator_answers(tracestate: str 
             headers["tracestate"] = tracestate
         expected = _propagator_parent(value, headers)
         assert _parent(headers) == expected, value
-        plain = _plain_parent(value, tracestate)
+        plain = plain_parent(value, tracestate)
         if plain is not None:
             plain_answers += 1
             assert plain == expected and plain.is_valid and plain.is_remote, value

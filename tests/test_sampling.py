@@ -149,26 +149,39 @@ IDS = [(b"x-user-id", b"u-7"), (b"x-session-id", b"s-7"), (b"x-request-id", b"r-
        (b"user-agent", b"agent/7")]  # fmt: skip
 
 
+CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-"
+
+
 @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
 @pytest.mark.parametrize(
     ("path", "kept_by"), [("/boom", "error"), ("/status/503", "error"), ("/items/3", "slow")]
 )
+@pytest.mark.parametrize("continued", [False, True], ids=["new-trace", "caller-flags-00"])
 async def test_a_kept_sampled_out_request_is_exported_as_a_sampled_one(
-    framework: str, path: str, kept_by: str
+    framework: str, path: str, kept_by: str, continued: bool
 ) -> None:
     # slow_threshold of a nanosecond: every request is slow, so /items/3 is kept for that.
-    options: dict[str, Any] = {"slow_threshold": 1e-9}
+    # Continued: the caller's flag decides (00 drops it, 01 keeps it), whatever the rate.
+    options: dict[str, Any] = {"slow_threshold": 1e-9, "sample_rate": 0.0}
+    caller = [(b"traceparent", (CALLER + "00").encode())] if continued else []
     with capture_langfuse() as capture:
         before = time.time_ns()
-        out = await call(traced_app(framework, sample_rate=0.0, **options), path, headers=IDS)
+        out = await call(traced_app(framework, **options), path, headers=IDS + caller)
         after = time.time_ns()
-        sampled = await call(traced_app(framework, sample_rate=1.0, **options), path, headers=IDS)
-        dropped, kept = [s for s in capture.spans() if s["parent_span_id"] is None]
+        if continued:
+            caller = [(b"traceparent", (CALLER + "01").encode())]
+        else:
+            options["sample_rate"] = 1.0
+        sampled = await call(traced_app(framework, **options), path, headers=IDS + caller)
+        dropped, kept = [s for s in capture.spans() if s["kind"] == 2]  # SERVER: the roots
     assert (out.status, out.body, out.headers) == (sampled.status, sampled.body, sampled.headers)
     if path != "/boom":  # Starlette's own 500 is sent from outside add_middleware's reach
         assert out.header(b"x-request-id") == b"r-7"
     assert dropped["metadata"]["keptBy"] == kept_by and "keptBy" not in kept["metadata"]
     assert comparable(dropped) == comparable(kept)
+    if continued:
+        assert dropped["trace_id"] == kept["trace_id"] == CALLER[3:35]
+        assert dropped["parent_span_id"] == CALLER[36:52]
     # Timed from the start of the request (not from when it was found worth keeping).
     assert before <= dropped["start_time_unix_nano"] <= dropped["end_time_unix_nano"] <= after
 
