@@ -5,8 +5,8 @@ Variants, alternated round by round:
   langfuse_mw                 LangfuseMiddleware, 100 % traced, user/session/request id
   langfuse_mw (not sampled)   sample_rate=0: a request the sampler drops (kept only if it fails)
   langfuse_mw (caller did not sample)
-                              a traceparent with flags 00: the caller's decision is followed,
-                              which reads the whole request first
+                              sample_rate=0.1 and a traceparent with flags 00: the caller's
+                              decision is followed (the usual request behind a sampling edge)
   langfuse_mw (excluded path) a request LangfuseMiddleware skips (exclude_paths)
   otel asgi (1 span)          opentelemetry-instrumentation-asgi, exclude_spans=receive/send
   naive langfuse (docs)       the @app.middleware("http") example from the Langfuse docs
@@ -209,7 +209,7 @@ def main() -> None:
                 langfuse_mw_app(sink, framework, sample_rate=0.0), "/items/1"
             ),
             "langfuse_mw (caller did not sample)": driver(
-                langfuse_mw_app(sink, framework),
+                langfuse_mw_app(sink, framework, sample_rate=0.1),
                 "/items/1",
                 [(b"traceparent", NOT_SAMPLED_PARENT.encode())],
             ),

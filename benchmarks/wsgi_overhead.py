@@ -5,8 +5,8 @@ Variants, alternated round by round:
   langfuse_mw                 LangfuseFlask, 100 % traced, user/session/request id
   langfuse_mw (not sampled)   sample_rate=0: a request the sampler drops (kept only if it fails)
   langfuse_mw (caller did not sample)
-                              a traceparent with flags 00: the caller's decision is followed,
-                              which reads the whole request first
+                              sample_rate=0.1 and a traceparent with flags 00: the caller's
+                              decision is followed (the usual request behind a sampling edge)
   langfuse_mw (excluded path) a request LangfuseFlask skips (exclude_paths)
   otel wsgi (1 span)          opentelemetry-instrumentation-wsgi's OpenTelemetryMiddleware
                               on app.wsgi_app, with a batch processor
@@ -139,7 +139,8 @@ def main() -> None:
         "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
         "langfuse_mw (not sampled)": driver(langfuse_mw_app(sink, sample_rate=0.0), "/items/1"),
         "langfuse_mw (caller did not sample)": driver(
-            langfuse_mw_app(sink), "/items/1", {"HTTP_TRACEPARENT": NOT_SAMPLED_PARENT}
+            langfuse_mw_app(sink, sample_rate=0.1), "/items/1",
+            {"HTTP_TRACEPARENT": NOT_SAMPLED_PARENT},
         ),
         # The same route, excluded: only the middleware's own work differs from bare.
         "langfuse_mw (excluded path)": driver(
