@@ -472,7 +472,7 @@ async def one_by_one(
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         async with limit:
-            for attempt in range(5):
+            for attempt in range(8):
                 request_id = f"{tag}-{i}-{attempt}"
                 try:
                     response = await client.get(
@@ -481,6 +481,8 @@ async def one_by_one(
                 except httpx.TransportError as exc:
                     dropped[type(exc).__name__] += 1
                     unanswered.add(request_id)
+                    # Both workers may be restarting at once (slow on a loaded machine).
+                    await asyncio.sleep(0.1 * (attempt + 1))
                     continue
                 assert response.status_code == 200
                 done.add(request_id)
