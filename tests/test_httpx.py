@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from langfuse_mw.config import resolve_settings
-from langfuse_mw.core import Observation, RequestInfo, RequestTracer
+from langfuse_mw.core import RequestInfo, RequestState, RequestTracer, SampledOut
 from langfuse_mw.httpx import AsyncTracedClient, AsyncTracingTransport, TracedClient
 from langfuse_mw.testing import LangfuseCapture
 
@@ -35,12 +35,18 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def in_request(sample_rate: float = 1.0, **headers: str) -> Iterator[Observation]:
+def in_request(
+    sample_rate: float = 1.0, lazy: bool = False, **headers: str
+) -> Iterator[RequestState]:
+    """A request being served; ``lazy``: begun as adapters begin one that may be dropped."""
     tracer = RequestTracer(resolve_settings({"sample_rate": sample_rate}))
-    info = RequestInfo(
-        "GET", "/checkout", headers={k.replace("_", "-"): v for k, v in headers.items()}
-    )
-    obs = tracer.begin(info)
+    values = {k.replace("_", "-"): v for k, v in headers.items()}
+    info = RequestInfo("GET", "/checkout", headers=values)
+    if lazy:
+        rid = values.get("x-request-id")
+        obs = tracer.begin_lazy("/checkout", rid, values.get("traceparent"), None, lambda: info)
+    else:
+        obs = tracer.begin(info)
     assert obs is not None
     obs.set_route("/checkout")
     try:
@@ -99,11 +105,14 @@ async def test_internal_target_gets_trace_context_and_ids(
     assert call["kind"] == 3  # SPAN_KIND_CLIENT
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["begin", "begin_lazy"])
 async def test_a_sampled_out_request_passes_its_decision_and_ids_on(
-    langfuse_capture: LangfuseCapture, get: Any
+    langfuse_capture: LangfuseCapture, get: Any, lazy: bool
 ) -> None:
     recorder = Recorder()
-    with in_request(sample_rate=0.0, x_user_id="u-1", x_session_id="s-1", x_request_id="r-1"):
+    ids = {"x_user_id": "u-1", "x_session_id": "s-1", "x_request_id": "r-1"}
+    with in_request(sample_rate=0.0, lazy=lazy, **ids) as obs:
+        assert isinstance(obs, SampledOut) is lazy
         await get("http://inventory:8000/stock/7", recorder)
     sent = recorder.requests[0].headers
     assert sent["traceparent"].endswith("-00")  # the callee follows the decision
