@@ -45,7 +45,9 @@ class _QuietWhileReading(logging.Filter):
         return not _quiet.get()
 
 
-logging.getLogger("opentelemetry.baggage.propagation").addFilter(_QuietWhileReading())
+# The baggage propagator, and TraceState (tracestate members it rejects).
+for _name in ("opentelemetry.baggage.propagation", "opentelemetry.trace.span"):
+    logging.getLogger(_name).addFilter(_QuietWhileReading())
 
 
 @dataclass(slots=True)
@@ -141,11 +143,19 @@ def plain_parent(traceparent: str, tracestate: str | None) -> SpanContext | None
     trace_id, span_id, flags = match.groups()
     if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
         return None
-    state = DEFAULT_TRACE_STATE if tracestate is None else TraceState.from_header([tracestate])
+    state = DEFAULT_TRACE_STATE if tracestate is None else _trace_state(tracestate)
     # SpanContext(...) would check again what the pattern checked; this is the same tuple:
     # (trace_id, span_id, is_remote, flags, state, is_valid).
     values = (int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)), state, True)
     return tuple.__new__(SpanContext, values)
+
+
+def _trace_state(tracestate: str) -> TraceState:
+    token = _quiet.set(True)
+    try:
+        return TraceState.from_header([tracestate])
+    finally:
+        _quiet.reset(token)
 
 
 def _propagator_parent(traceparent: str, headers: Mapping[str, str]) -> SpanContext | None:
@@ -153,7 +163,11 @@ def _propagator_parent(traceparent: str, headers: Mapping[str, str]) -> SpanCont
     tracestate = headers.get("tracestate")
     if tracestate is not None:
         carrier["tracestate"] = tracestate
-    parent = otel_trace.get_current_span(_tracecontext.extract(carrier, Context()))
+    token = _quiet.set(True)
+    try:
+        parent = otel_trace.get_current_span(_tracecontext.extract(carrier, Context()))
+    finally:
+        _quiet.reset(token)
     span_context = parent.get_span_context()
     if not span_context.is_valid:
         _failsafe.reject("traceparent")

@@ -7,6 +7,7 @@ propagator's.
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -111,3 +112,22 @@ def test_baggage_reader_answers_what_the_propagator_answers() -> None:
             assert _baggage_entries(raw) == expected, raw
     assert _plain_baggage(BAGGAGE[0]) == {"langfuse_user_id": "u-1", "langfuse_session_id": "s-1"}
     assert plain_answers > 40
+
+
+@pytest.mark.parametrize("padding", ["", " "], ids=["plain", "propagator"])
+def test_rejected_tracestate_members_never_reach_the_logs(
+    caplog: pytest.LogCaptureFixture, padding: str
+) -> None:
+    # OpenTelemetry's TraceState logs a member it rejects verbatim; header content from the
+    # internet must not reach the logs (the plain reader and the propagator alike).
+    caplog.set_level(logging.DEBUG)
+    traceparent = padding + VALID_TRACEPARENT.decode()
+    headers = {"traceparent": traceparent, "tracestate": "=== secret-token-xyz,ok=1"}
+    parent = _parent(headers)
+    assert parent is not None and dict(parent.trace_state) == {}  # an invalid list is dropped
+    assert "secret-token-xyz" not in caplog.text
+    # Only while we read: other users of TraceState keep their warnings.
+    from opentelemetry.trace import TraceState
+
+    TraceState.from_header(["=== other-user"])
+    assert "other-user" in caplog.text
