@@ -181,6 +181,8 @@ def test_two_forwarders_share_a_stream_of_5000_batches(
         ForwarderProcess(redis_server.url, receiver.url, name) for name in ("left", "right")
     )
     wait_until(lambda: receiver.request_count >= 5000, 40, "5 000 batches")
+    # The receiver counts a POST when it arrives and stores its spans just after.
+    wait_until(lambda: expected <= set(span_ids(receiver)), 10, "the last batch stored")
     assert set(span_ids(receiver)) == expected
     for process in forwarders:
         assert process.terminate() == 0, process.output()  # SIGTERM: a clean exit
