@@ -464,3 +464,24 @@ def test_a_kept_sampled_out_request_is_exported_as_a_sampled_one(
         assert dropped["trace_id"] == kept["trace_id"] == VALID_TRACE_ID
         assert dropped["parent_span_id"] == VALID_PARENT_ID
     assert before <= dropped["start_time_unix_nano"] <= dropped["end_time_unix_nano"] <= after
+
+
+@pytest.mark.parametrize(
+    "value", BAD_TRACEPARENTS + [v[:-2] + b"00" for v in BAD_TRACEPARENTS if v.endswith(b"-01")]
+)
+def test_a_bad_traceparent_on_a_request_that_may_be_dropped_starts_a_new_trace(
+    langfuse_capture: LangfuseCapture, adapter: Adapter, value: bytes
+) -> None:
+    headers = [(b"traceparent", value), (b"x-request-id", b"r-9")]
+    expected = bare(adapter)("/status/503", headers=headers)
+    langfuse_capture.clear()
+    got = traced(adapter, sample_rate=0.0)("/status/503", headers=headers)
+    assert (got.status, got.body, repr(got.exception)) == (
+        expected.status, expected.body, repr(expected.exception),
+    )  # fmt: skip
+    assert got.header(b"x-request-id") == b"r-9"
+    root = langfuse_capture.single(name=f"GET {adapter.template('/status/<int:code>')}")
+    assert root["parent_span_id"] is None
+    assert root["trace_id"] not in ("0" * 32, VALID_TRACE_ID)
+    assert root["metadata"]["keptBy"] == "error"
+    assert health()["internal_errors"] == {}

@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 
+from langfuse_mw import health
 from langfuse_mw.sampling import Sampler, template_regex
 from langfuse_mw.testing import capture_langfuse
+from tests import apps
 from tests.asgi_driver import call
 from tests.compare import comparable
 from tests.conftest import traced_app
-from tests.corpus import BAD_ID_VALUES
+from tests.corpus import BAD_ID_VALUES, BAD_TRACEPARENTS
 
 pytestmark = pytest.mark.anyio
 
@@ -219,3 +221,23 @@ async def test_identity_headers_of_an_untrusted_peer_are_ignored_when_sampled_ou
         outside, inside = capture.spans(name="GET /boom")
     assert (outside["user_id"], outside["session_id"]) == (None, None)
     assert (inside["user_id"], inside["session_id"]) == ("u-7", "s-7")
+
+
+FLAGS_00 = [v[:-2] + b"00" for v in BAD_TRACEPARENTS if v.endswith(b"-01")]
+
+
+@pytest.mark.parametrize("value", BAD_TRACEPARENTS + FLAGS_00)
+async def test_a_bad_traceparent_on_a_request_that_may_be_dropped_starts_a_new_trace(
+    value: bytes,
+) -> None:
+    headers = [(b"traceparent", value), (b"x-request-id", b"r-9")]
+    bare = await call(apps.starlette_app(), "/status/503", headers=headers)
+    with capture_langfuse() as capture:
+        got = await call(traced_app("starlette", sample_rate=0.0), "/status/503", headers=headers)
+        root = capture.single(name="GET /status/{code:int}")
+        assert health()["internal_errors"] == {}
+    assert (got.status, got.body, got.exception) == (bare.status, bare.body, bare.exception)
+    assert got.header(b"x-request-id") == b"r-9"
+    assert root["parent_span_id"] is None
+    assert root["trace_id"] not in ("0" * 32, "4bf92f3577b34da6a3ce929d0e0e4736")
+    assert root["metadata"]["keptBy"] == "error"
