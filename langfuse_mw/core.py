@@ -454,7 +454,7 @@ class SampledOut(RequestState):
             obs.bytes_sent, obs.first_byte_ns = self.bytes_sent, self.first_byte_ns
             obs.disconnected = self.disconnected
             self.exception = None
-            obs.end(end_ns, route)
+            obs.end(end_ns, route)  # decides again (the same answer): one way out for exports
         except Exception as exc:
             _failsafe.report("end", exc)
 
