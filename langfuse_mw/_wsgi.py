@@ -55,7 +55,7 @@ def begin(
 ) -> RequestState | None:  # fmt: skip
     """``tracer.begin`` for a WSGI environ (or Django's ``request.META``).
 
-    Without baggage the sampling decision comes first, from the few headers it needs: if
+    When sampling may drop it, the decision comes first, from the few headers it needs: if
     the request is not sampled, its ``RequestInfo`` is built only when needed
     (``RequestTracer.begin_lazy``).
     """
@@ -63,11 +63,13 @@ def begin(
     def info() -> RequestInfo:
         return environ_info(environ, keys, method, path, framework, raw)
 
-    if not tracer.may_sample_out or "HTTP_BAGGAGE" in environ:
+    if not tracer.may_sample_out:
         return tracer.begin(info())
-    request_id = environ.get(_environ_key(tracer.request_id_header))
-    traceparent, tracestate = environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE")
-    return tracer.begin_lazy(path, request_id, traceparent, tracestate, info)
+    get = environ.get
+    return tracer.begin_lazy(
+        path, get(_environ_key(tracer.request_id_header)), get("HTTP_TRACEPARENT"),
+        get("HTTP_TRACESTATE"), get("HTTP_BAGGAGE"), info,
+    )  # fmt: skip
 
 
 def environ_info(

@@ -32,7 +32,7 @@ class LangfuseMiddleware:
         self._echoes = self.settings.echo_request_id
         # The headers read before a sampling decision (their index in _begin's list).
         self._early_headers = {
-            self._rid_name: 0, b"traceparent": 1, b"tracestate": 2, b"baggage": -1,
+            self._rid_name: 0, b"traceparent": 1, b"tracestate": 2, b"baggage": 3,
         }  # fmt: skip
         runtime.get_runtime(self.settings)  # build (or warn about) the runtime at start-up
 
@@ -82,23 +82,21 @@ class LangfuseMiddleware:
         if kind != "http" or not tracer.may_sample_out:
             return tracer.begin(self._info(scope, kind))
         # Sampling may drop it: read the few headers the decision needs and decide first
-        # (most requests at a low rate read nothing else). Baggage is the caller's to pass
-        # on and may carry user and session: that request is read whole.
-        found: list[str | None] = [None, None, None]  # request id, traceparent, tracestate
+        # (most requests at a low rate read nothing else).
+        found: list[str | None] = [None, None, None, None]
         early = self._early_headers
         for name, value in scope.get("headers") or ():
             which = early.get(name)
-            if which is None:
-                continue
-            if which < 0:
-                return tracer.begin(self._info(scope, kind))
-            text = value.decode("latin-1")
-            seen = found[which]
-            found[which] = text if seen is None else f"{seen},{text}"
+            if which is not None:
+                text = value.decode("latin-1")
+                seen = found[which]
+                found[which] = text if seen is None else f"{seen},{text}"
+        request_id, traceparent, tracestate, baggage = found
         path = scope.get("path", "")
         return tracer.begin_lazy(
-            path, found[0], found[1], found[2], lambda: self._info(scope, kind, path)
-        )
+            path, request_id, traceparent, tracestate, baggage,
+            lambda: self._info(scope, kind, path),
+        )  # fmt: skip
 
     def _info(self, scope: Scope, kind: str, path: str | None = None) -> RequestInfo:
         """The core's view of the request; ``path`` as it was before routers rewrote it."""

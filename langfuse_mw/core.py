@@ -3,7 +3,7 @@
 An adapter turns its request into a ``RequestInfo``, calls ``RequestTracer.begin`` and reports
 what happens (route, status, body bytes, exception, disconnect) to the returned ``Observation``,
 then calls ``end()`` when the last byte left and ``detach()`` where ``begin`` ran. A request
-that brought no baggage goes through ``begin_lazy`` instead, which decides first: one the
+that may be dropped goes through ``begin_lazy`` instead, which decides first: one the
 sampler drops (or whose caller did not sample it) is a light ``SampledOut`` (same reporting
 methods) that reads the request and becomes an ``Observation`` only if it fails or is slow.
 
@@ -37,7 +37,14 @@ from .context import RequestContext, attach_otel, detach_otel
 from .context import _current as _request_var
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
-from .propagation import NOTHING, Incoming, TrustPolicy, plain_parent, read_incoming
+from .propagation import (
+    NOTHING,
+    Incoming,
+    TrustPolicy,
+    baggage_entries,
+    plain_parent,
+    read_incoming,
+)
 from .sampling import Sampler
 
 __all__ = ["Observation", "RequestInfo", "RequestState", "RequestTracer", "SampledOut"]
@@ -162,46 +169,57 @@ class RequestTracer:
         request_id: str | None,
         traceparent: str | None,
         tracestate: str | None,
+        baggage: str | None,
         make_info: Callable[[], RequestInfo],
     ) -> RequestState | None:
-        """``begin`` for a request that brought no baggage, deciding before reading it.
+        """``begin`` deciding first, from the few headers the decision needs.
 
-        The adapter passes the few headers the decision needs. A request the sampler drops
-        (or whose caller did not sample it) gets a light ``SampledOut``: its ``RequestInfo``
-        is built only if it is kept or someone asks for its user and session. Any other
-        request goes on to ``begin`` with ``make_info()``.
+        A request the sampler drops (or whose caller did not sample it) gets a light
+        ``SampledOut``: its ``RequestInfo`` is built only if it is kept or someone asks for
+        its user and session. Any other request goes on to ``begin`` with ``make_info()``.
         """
         try:
             rt = runtime._runtime or runtime.get_runtime(self.settings)
             if not rt.enabled:
                 return None
-            parent = None
             trust = self.trust
-            if self._identity_callables:
+            if self._identity_callables or (
+                (traceparent is not None or baggage is not None)
+                and (trust.networks or trust.mode == "link")
+            ):
                 return self._begin(make_info(), rt)
-            if traceparent is None or trust.mode == "ignore":
-                trace_id = _getrandbits(128) or 1
-                if self.sampler.keeps(trace_id, path):
-                    return self._begin(make_info(), rt, trace_id)
-                trace_state = _NO_TRACE_STATE
-            else:
-                # Continued only in the plain case: no network to check the peer against,
-                # a version-00 header, and a caller that did not sample the trace.
-                if trust.mode != "continue" or trust.networks:
-                    return self._begin(make_info(), rt)
+            parent = None
+            if traceparent is not None and trust.mode == "continue":
+                # Continued only from a plain version-00 header of a caller that did not
+                # sample the trace.
                 parent = plain_parent(traceparent, tracestate)
                 if parent is None or parent.trace_flags.sampled:
                     return self._begin(make_info(), rt)
                 trace_id, trace_state = parent.trace_id, parent.trace_state
+            else:
+                trace_id = _getrandbits(128) or 1
+                if self.sampler.keeps(trace_id, path):
+                    return self._begin(make_info(), rt, trace_id)
+                trace_state = _NO_TRACE_STATE
+            # Dropped: the caller's baggage is kept to pass on and for user and session.
+            incoming = NOTHING
+            if trust.mode == "continue":
+                entries = baggage_entries(baggage) if baggage is not None else None
+                if parent is not None or entries:
+                    incoming = Incoming(parent=parent, baggage=entries or {})
             if request_id is not None and not self._check_request_id(request_id):
                 _failsafe.reject("request_id")
                 request_id = None
             span_context = _span_context(trace_id, _getrandbits(64) or 1, False, trace_state)
             out = SampledOut(
-                self, rt, request_id or new_request_id(), span_context, parent, make_info
+                self, rt, request_id or new_request_id(), span_context, incoming, make_info
             )
-            # Its handler's observations find a parent that says "not sampled".
-            ctx = otel_context.Context({_SPAN_KEY: NonRecordingSpan(span_context)})
+            # Its handler's observations find a parent that says "not sampled", and the
+            # caller's baggage (minus langfuse's own entries) travels on.
+            values: dict[str, object] = {_SPAN_KEY: NonRecordingSpan(span_context)}
+            if incoming.baggage:
+                values[_BAGGAGE_KEY] = incoming.forwardable()
+            ctx = otel_context.Context(values)
             out.otel_context = ctx
             out._otel_token = attach_otel(ctx)
             out._request_token = _request_var.set(out)
@@ -409,7 +427,7 @@ class RequestState:
 
 
 class SampledOut(RequestState):
-    """A request that is not sampled and brought no baggage, from begin to end.
+    """A request that is not sampled, from begin to end (``RequestTracer.begin_lazy``).
 
     It holds only what decides whether it is exported anyway (status, exception, duration)
     and becomes an ``Observation`` if it is; its ``RequestInfo`` is built only then, or when
@@ -424,14 +442,14 @@ class SampledOut(RequestState):
         rt: runtime.Runtime,
         request_id: str,
         span_context: SpanContext,
-        parent: SpanContext | None,
+        incoming: Incoming,
         make_info: Callable[[], RequestInfo],
     ) -> None:
         self.tracer = tracer
         self.rt = rt
         self.request_id = request_id
         self.span_context = span_context
-        self.parent = parent
+        self.incoming = incoming
         self.make_info = make_info
         self.start_ns = _time_ns()
 
@@ -463,13 +481,16 @@ class SampledOut(RequestState):
         if obs is None:
             info = self.make_info()
             tracer = self.tracer
+            incoming, span = self.incoming, self.span_context
             obs = Observation(
-                tracer, self.rt, info, self.request_id, self.span_context, self.parent, False
+                tracer, self.rt, info, self.request_id, span, incoming.parent, False
             )
             obs.start_ns = self.start_ns
             obs.otel_context = self.otel_context
+            if incoming.parent is not None:
+                obs.claimed = incoming.claims(span.trace_id)
             trusted = tracer.trust.peer_trusted(info.client_ip)
-            obs.pending = (NOTHING, trusted)  # user and session from headers, when asked
+            obs.pending = (incoming, trusted)  # user and session, when asked
             self._observation = obs
         return obs
 

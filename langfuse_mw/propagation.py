@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from . import _failsafe
 
-__all__ = ["Incoming", "TrustPolicy", "plain_parent", "read_incoming"]
+__all__ = ["Incoming", "TrustPolicy", "baggage_entries", "plain_parent", "read_incoming"]
 
 MAX_TRACEPARENT = 512
 MAX_BAGGAGE_BYTES = 8192
@@ -110,7 +110,7 @@ def read_incoming(headers: Mapping[str, str], mode: str) -> Incoming:
     if mode == "ignore" or ("traceparent" not in headers and "baggage" not in headers):
         return NOTHING
     parent = _parent(headers)
-    entries = _baggage_entries(headers.get("baggage")) if mode == "continue" else {}
+    entries = baggage_entries(headers.get("baggage")) if mode == "continue" else {}
     if mode == "link":
         return Incoming(linked=parent)
     return Incoming(parent=parent, baggage=entries)
@@ -175,7 +175,8 @@ def _propagator_parent(traceparent: str, headers: Mapping[str, str]) -> SpanCont
     return span_context
 
 
-def _baggage_entries(raw: str | None) -> dict[str, str]:
+def baggage_entries(raw: str | None) -> dict[str, str]:
+    """The entries of a ``baggage`` header; {} when absent or over the W3C limits."""
     if not raw:
         return {}
     if len(raw.encode("latin-1", "replace")) > MAX_BAGGAGE_BYTES or raw.count(",") >= (

@@ -1,4 +1,5 @@
-"""Compare two exports of the same request, leaving out what differs from run to run."""
+"""Compare two exports of the same request, leaving out what differs from run to run; the
+ways a request can arrive that the sampled-out tests run through."""
 
 from __future__ import annotations
 
@@ -18,3 +19,30 @@ def comparable(span: dict[str, Any]) -> dict[str, Any]:
     events = [(e["name"], e["attributes"].get("exception.message")) for e in span["events"]]
     kept = {key: value for key, value in span.items() if key not in _VOLATILE}
     return {**kept, "attributes": attrs, "events": events, "metadata": None}
+
+
+CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-"
+# The langfuse SDK's claim that the caller exports this trace's root, and user and session.
+BAGGAGE = (
+    b"langfuse_user_id=u-b,langfuse_session_id=s-b,tenant=acme,"
+    b"langfuse_trace_id=4bf92f3577b34da6a3ce929d0e0e4736"
+)
+# How the request arrives: (traceparent flags or None, baggage or None).
+ARRIVALS = {
+    "new-trace": (None, None),
+    "caller-flags-00": ("00", None),
+    "caller-flags-00-baggage": ("00", BAGGAGE),
+    "baggage-only": (None, BAGGAGE),
+}
+
+
+def arrival_headers(flags: str | None, baggage: bytes | None) -> list[tuple[bytes, bytes]]:
+    """The request's headers; with baggage, user and session come from it alone."""
+    headers = [(b"x-request-id", b"r-7"), (b"user-agent", b"agent/7")]
+    if baggage is None:
+        headers += [(b"x-user-id", b"u-7"), (b"x-session-id", b"s-7")]
+    else:
+        headers.append((b"baggage", baggage))
+    if flags is not None:
+        headers.append((b"traceparent", (CALLER + flags).encode()))
+    return headers

@@ -17,7 +17,7 @@ from opentelemetry import trace as otel_trace
 
 from langfuse_mw import get_request_context, health
 from langfuse_mw.testing import LangfuseCapture
-from tests.compare import comparable
+from tests.compare import ARRIVALS, CALLER, arrival_headers, comparable
 from tests.corpus import (
     BAD_ID_VALUES,
     BAD_TRACEPARENTS,
@@ -432,27 +432,22 @@ def test_tracing_failures_never_reach_the_request(
     ("path", "kept_by"),
     [("/boom", "error"), ("/status/503", "error"), ("/items/3", "slow"), ("/stream", "slow")],
 )
-@pytest.mark.parametrize("continued", [False, True], ids=["new-trace", "caller-flags-00"])
+@pytest.mark.parametrize("arrival", list(ARRIVALS))
 def test_a_kept_sampled_out_request_is_exported_as_a_sampled_one(
-    langfuse_capture: LangfuseCapture, adapter: Adapter, path: str, kept_by: str,
-    continued: bool,
-) -> None:  # fmt: skip
-    # A request that is not sampled and brought no baggage takes a lighter path (the request
-    # is read only if it is kept): what it exports and answers must not change. Continued:
-    # the caller's flag decides (00 drops it, 01 keeps it), whatever the rate.
-    ids = [(b"x-user-id", b"u-7"), (b"x-session-id", b"s-7"), (b"x-request-id", b"r-7"),
-           (b"user-agent", b"agent/7")]  # fmt: skip
-    parent = f"00-{VALID_TRACE_ID}-{VALID_PARENT_ID}-"
+    langfuse_capture: LangfuseCapture, adapter: Adapter, path: str, kept_by: str, arrival: str
+) -> None:
+    # A request that is not sampled takes a lighter path (the request is read only if it is
+    # kept): what it exports and answers must not change. Continued: the caller's flag
+    # decides (00 drops it, 01 keeps it), whatever the rate.
+    flags, baggage = ARRIVALS[arrival]
     options: dict[str, Any] = {"slow_threshold": 1e-9, "sample_rate": 0.0}
-    caller = [(b"traceparent", (parent + "00").encode())] if continued else []
     before = time.time_ns()
-    out = traced(adapter, **options)(path, headers=ids + caller)
+    out = traced(adapter, **options)(path, headers=arrival_headers(flags, baggage))
     after = time.time_ns()
-    if continued:
-        caller = [(b"traceparent", (parent + "01").encode())]
-    else:
+    if flags is None:
         options["sample_rate"] = 1.0
-    sampled = traced(adapter, **options)(path, headers=ids + caller)
+    headers = arrival_headers(None if flags is None else "01", baggage)
+    sampled = traced(adapter, **options)(path, headers=headers)
     dropped, kept = [s for s in langfuse_capture.spans() if s["kind"] == 2]  # SERVER: roots
     assert (out.status, out.body) == (sampled.status, sampled.body)
     assert repr(out.exception) == repr(sampled.exception)  # plain WSGI: /boom raises
@@ -460,9 +455,11 @@ def test_a_kept_sampled_out_request_is_exported_as_a_sampled_one(
     assert out.status is None or out.header(b"x-request-id") == b"r-7"
     assert dropped["metadata"]["keptBy"] == kept_by and "keptBy" not in kept["metadata"]
     assert comparable(dropped) == comparable(kept)
-    if continued:
-        assert dropped["trace_id"] == kept["trace_id"] == VALID_TRACE_ID
-        assert dropped["parent_span_id"] == VALID_PARENT_ID
+    expected_ids = ("u-7", "s-7") if baggage is None else ("u-b", "s-b")
+    assert (dropped["user_id"], dropped["session_id"]) == expected_ids
+    if flags is not None:
+        assert dropped["trace_id"] == kept["trace_id"] == CALLER[3:35]
+        assert dropped["parent_span_id"] == CALLER[36:52]
     assert before <= dropped["start_time_unix_nano"] <= dropped["end_time_unix_nano"] <= after
 
 

@@ -44,7 +44,10 @@ def in_request(
     info = RequestInfo("GET", "/checkout", headers=values)
     if lazy:
         rid = values.get("x-request-id")
-        obs = tracer.begin_lazy("/checkout", rid, values.get("traceparent"), None, lambda: info)
+        obs = tracer.begin_lazy(
+            "/checkout", rid, values.get("traceparent"), None, values.get("baggage"),
+            lambda: info,
+        )  # fmt: skip
     else:
         obs = tracer.begin(info)
     assert obs is not None
@@ -120,6 +123,26 @@ async def test_a_sampled_out_request_passes_its_decision_and_ids_on(
     # If the callee fails it is exported anyway, with the caller's user and session.
     assert entries == {"langfuse_user_id": "u-1", "langfuse_session_id": "s-1"}
     assert sent["x-request-id"] == "r-1"
+    assert langfuse_capture.spans() == []
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["begin", "begin_lazy"])
+async def test_a_sampled_out_continued_request_passes_the_callers_baggage_on(
+    langfuse_capture: LangfuseCapture, get: Any, lazy: bool
+) -> None:
+    recorder = Recorder()
+    caller = {
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        "baggage": "tenant=acme,langfuse_user_id=u-b,langfuse_session_id=s-b",
+    }
+    with in_request(sample_rate=0.5, lazy=lazy, **caller) as obs:
+        assert isinstance(obs, SampledOut) is lazy
+        await get("http://inventory:8000/stock/7", recorder)
+    sent = recorder.requests[0].headers
+    assert sent["traceparent"].startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+    assert sent["traceparent"].endswith("-00")
+    entries = dict(item.split("=") for item in sent["baggage"].split(","))
+    assert entries == {"tenant": "acme", "langfuse_user_id": "u-b", "langfuse_session_id": "s-b"}
     assert langfuse_capture.spans() == []
 
 

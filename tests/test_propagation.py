@@ -13,11 +13,11 @@ import random
 import pytest
 
 from langfuse_mw.propagation import (
-    _baggage_entries,
     _parent,
     _plain_baggage,
     _propagator_baggage,
     _propagator_parent,
+    baggage_entries,
     plain_parent,
 )
 from tests.corpus import BAD_TRACEPARENTS, VALID_TRACEPARENT
@@ -109,7 +109,7 @@ def test_baggage_reader_answers_what_the_propagator_answers() -> None:
             assert plain == expected, raw
             assert list(plain) == list(expected), raw  # and in the same order
         if len(raw) <= 8192 and raw.count(",") < 180:
-            assert _baggage_entries(raw) == expected, raw
+            assert baggage_entries(raw) == expected, raw
     assert _plain_baggage(BAGGAGE[0]) == {"langfuse_user_id": "u-1", "langfuse_session_id": "s-1"}
     assert plain_answers > 40
 

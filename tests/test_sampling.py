@@ -16,7 +16,7 @@ from langfuse_mw.sampling import Sampler, template_regex
 from langfuse_mw.testing import capture_langfuse
 from tests import apps
 from tests.asgi_driver import call
-from tests.compare import comparable
+from tests.compare import ARRIVALS, CALLER, arrival_headers, comparable
 from tests.conftest import traced_app
 from tests.corpus import BAD_ID_VALUES, BAD_TRACEPARENTS
 
@@ -151,37 +151,36 @@ IDS = [(b"x-user-id", b"u-7"), (b"x-session-id", b"s-7"), (b"x-request-id", b"r-
        (b"user-agent", b"agent/7")]  # fmt: skip
 
 
-CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-"
-
-
 @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
 @pytest.mark.parametrize(
     ("path", "kept_by"), [("/boom", "error"), ("/status/503", "error"), ("/items/3", "slow")]
 )
-@pytest.mark.parametrize("continued", [False, True], ids=["new-trace", "caller-flags-00"])
+@pytest.mark.parametrize("arrival", list(ARRIVALS))
 async def test_a_kept_sampled_out_request_is_exported_as_a_sampled_one(
-    framework: str, path: str, kept_by: str, continued: bool
+    framework: str, path: str, kept_by: str, arrival: str
 ) -> None:
     # slow_threshold of a nanosecond: every request is slow, so /items/3 is kept for that.
     # Continued: the caller's flag decides (00 drops it, 01 keeps it), whatever the rate.
+    flags, baggage = ARRIVALS[arrival]
     options: dict[str, Any] = {"slow_threshold": 1e-9, "sample_rate": 0.0}
-    caller = [(b"traceparent", (CALLER + "00").encode())] if continued else []
     with capture_langfuse() as capture:
         before = time.time_ns()
-        out = await call(traced_app(framework, **options), path, headers=IDS + caller)
+        headers = arrival_headers(flags, baggage)
+        out = await call(traced_app(framework, **options), path, headers=headers)
         after = time.time_ns()
-        if continued:
-            caller = [(b"traceparent", (CALLER + "01").encode())]
-        else:
+        if flags is None:
             options["sample_rate"] = 1.0
-        sampled = await call(traced_app(framework, **options), path, headers=IDS + caller)
+        headers = arrival_headers(None if flags is None else "01", baggage)
+        sampled = await call(traced_app(framework, **options), path, headers=headers)
         dropped, kept = [s for s in capture.spans() if s["kind"] == 2]  # SERVER: the roots
     assert (out.status, out.body, out.headers) == (sampled.status, sampled.body, sampled.headers)
     if path != "/boom":  # Starlette's own 500 is sent from outside add_middleware's reach
         assert out.header(b"x-request-id") == b"r-7"
     assert dropped["metadata"]["keptBy"] == kept_by and "keptBy" not in kept["metadata"]
     assert comparable(dropped) == comparable(kept)
-    if continued:
+    expected_ids = ("u-7", "s-7") if baggage is None else ("u-b", "s-b")
+    assert (dropped["user_id"], dropped["session_id"]) == expected_ids
+    if flags is not None:
         assert dropped["trace_id"] == kept["trace_id"] == CALLER[3:35]
         assert dropped["parent_span_id"] == CALLER[36:52]
     # Timed from the start of the request (not from when it was found worth keeping).
