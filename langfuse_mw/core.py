@@ -207,22 +207,16 @@ class RequestTracer:
                 entries = baggage_entries(baggage) if baggage is not None else None
                 if parent is not None or entries:
                     incoming = Incoming(parent=parent, baggage=entries or {})
-            if request_id is not None and not self._check_request_id(request_id):
-                _failsafe.reject("request_id")
-                request_id = None
             span_context = _span_context(trace_id, _getrandbits(64) or 1, False, trace_state)
             out = SampledOut(
-                self, rt, request_id or new_request_id(), span_context, incoming, make_info
+                self, rt, self._request_id(request_id), span_context, incoming, make_info
             )
             # Its handler's observations find a parent that says "not sampled", and the
             # caller's baggage (minus langfuse's own entries) travels on.
             values: dict[str, object] = {_SPAN_KEY: NonRecordingSpan(span_context)}
             if incoming.baggage:
                 values[_BAGGAGE_KEY] = incoming.forwardable()
-            ctx = otel_context.Context(values)
-            out.otel_context = ctx
-            out._otel_token = attach_otel(ctx)
-            out._request_token = _request_var.set(out)
+            out._make_current(values)
             return out
         except Exception as exc:
             _failsafe.report("begin", exc)
@@ -246,12 +240,7 @@ class RequestTracer:
             trace_id = new_trace_id or _getrandbits(128) or 1  # begin_lazy drew one
             sampled = self.sampler.keeps(trace_id, info.path)
         span_context = _span_context(trace_id, _getrandbits(64) or 1, sampled, trace_state)
-        request_id = headers.get(self.request_id_header)
-        if request_id is None:
-            request_id = new_request_id()
-        elif not self._check_request_id(request_id):
-            _failsafe.reject("request_id")
-            request_id = new_request_id()
+        request_id = self._request_id(headers.get(self.request_id_header))
         obs = Observation(self, rt, info, request_id, span_context, parent, sampled)
         if parent is not None:
             obs.claimed = incoming.claims(trace_id)
@@ -282,9 +271,7 @@ class RequestTracer:
                 values[CTX_SESSION] = obs.session_id
         if baggage is not None:
             values[_BAGGAGE_KEY] = baggage
-        ctx = obs.otel_context = otel_context.Context(values)
-        obs._otel_token = attach_otel(ctx)
-        obs._request_token = _request_var.set(obs)
+        obs._make_current(values)
         return obs
 
     def _resolve_identities(self, obs: Observation, incoming: Incoming, trusted: bool) -> None:
@@ -297,6 +284,15 @@ class RequestTracer:
             settings.session_id_from, settings.session_id_header, info, "session_id",
             incoming.session_id, trusted,
         )  # fmt: skip
+
+    def _request_id(self, sent: str | None) -> str:
+        # The caller's id if it passes the checks, else a fresh one.
+        if sent is None:
+            return new_request_id()
+        if not self._check_request_id(sent):
+            _failsafe.reject("request_id")
+            return new_request_id()
+        return sent
 
     def _check_request_id(self, value: str) -> bool:
         # Whatever a custom validator accepts, the id is echoed in a header and logged:
@@ -413,6 +409,12 @@ class RequestState:
         if slow and end_ns - self.start_ns >= slow:
             return "slow"
         return None
+
+    def _make_current(self, values: dict[str, object]) -> None:
+        # The request's OTel context (built in one go) and the request itself become current.
+        ctx = self.otel_context = otel_context.Context(values)
+        self._otel_token = attach_otel(ctx)
+        self._request_token = _request_var.set(self)
 
     def detach(self) -> None:
         """Restore the context that was current before ``begin`` (call where begin ran)."""

@@ -12,8 +12,9 @@ import contextvars
 import ipaddress
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import trace as otel_trace
@@ -34,6 +35,7 @@ TRACE_ID_CLAIM = "langfuse_trace_id"
 
 _tracecontext = TraceContextTextMapPropagator()
 _baggage = W3CBaggagePropagator()
+_T = TypeVar("_T")
 _quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("langfuse_mw_quiet", default=False)
 
 
@@ -48,6 +50,15 @@ class _QuietWhileReading(logging.Filter):
 # The baggage propagator, and TraceState (tracestate members it rejects).
 for _name in ("opentelemetry.baggage.propagation", "opentelemetry.trace.span"):
     logging.getLogger(_name).addFilter(_QuietWhileReading())
+
+
+def _quietly(fn: Callable[..., _T], *args: Any) -> _T:
+    # Call OpenTelemetry's parsers with their rejection logs dropped (_QuietWhileReading).
+    token = _quiet.set(True)
+    try:
+        return fn(*args)
+    finally:
+        _quiet.reset(token)
 
 
 @dataclass(slots=True)
@@ -151,11 +162,7 @@ def plain_parent(traceparent: str, tracestate: str | None) -> SpanContext | None
 
 
 def _trace_state(tracestate: str) -> TraceState:
-    token = _quiet.set(True)
-    try:
-        return TraceState.from_header([tracestate])
-    finally:
-        _quiet.reset(token)
+    return _quietly(TraceState.from_header, [tracestate])
 
 
 def _propagator_parent(traceparent: str, headers: Mapping[str, str]) -> SpanContext | None:
@@ -163,11 +170,7 @@ def _propagator_parent(traceparent: str, headers: Mapping[str, str]) -> SpanCont
     tracestate = headers.get("tracestate")
     if tracestate is not None:
         carrier["tracestate"] = tracestate
-    token = _quiet.set(True)
-    try:
-        parent = otel_trace.get_current_span(_tracecontext.extract(carrier, Context()))
-    finally:
-        _quiet.reset(token)
+    parent = otel_trace.get_current_span(_quietly(_tracecontext.extract, carrier, Context()))
     span_context = parent.get_span_context()
     if not span_context.is_valid:
         _failsafe.reject("traceparent")
@@ -210,9 +213,5 @@ def _plain_baggage(raw: str) -> dict[str, str] | None:
 
 
 def _propagator_baggage(raw: str) -> dict[str, str]:
-    token = _quiet.set(True)
-    try:
-        entries = otel_baggage.get_all(_baggage.extract({"baggage": raw}, Context()))
-    finally:
-        _quiet.reset(token)
+    entries = otel_baggage.get_all(_quietly(_baggage.extract, {"baggage": raw}, Context()))
     return {str(k): str(v) for k, v in entries.items()}
