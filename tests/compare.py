@@ -46,3 +46,22 @@ def arrival_headers(flags: str | None, baggage: bytes | None) -> list[tuple[byte
     if flags is not None:
         headers.append((b"traceparent", (CALLER + flags).encode()))
     return headers
+
+
+def assert_kept_as_sampled(
+    dropped: dict[str, Any], kept: dict[str, Any], kept_by: str, arrival: str,
+    window: tuple[int, int],
+) -> None:  # fmt: skip
+    """A sampled-out root kept for ``kept_by`` against the sampled root of the same request:
+    the same export plus keptBy, the arrival's ids and trace, timed within ``window`` from
+    the start of the request (not from when it was found worth keeping)."""
+    flags, baggage = ARRIVALS[arrival]
+    assert dropped["metadata"]["keptBy"] == kept_by and "keptBy" not in kept["metadata"]
+    assert comparable(dropped) == comparable(kept)
+    expected_ids = ("u-7", "s-7") if baggage is None else ("u-b", "s-b")
+    assert (dropped["user_id"], dropped["session_id"]) == expected_ids
+    if flags is not None:
+        assert dropped["trace_id"] == kept["trace_id"] == CALLER[3:35]
+        assert dropped["parent_span_id"] == CALLER[36:52]
+    before, after = window
+    assert before <= dropped["start_time_unix_nano"] <= dropped["end_time_unix_nano"] <= after

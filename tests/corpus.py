@@ -30,6 +30,12 @@ BAD_TRACEPARENTS: list[bytes] = [
     b"\xff\xfe",
 ]
 
+# The same, and their twins with flags 00 (a caller that did not sample): what a service that
+# may drop a request reads before deciding.
+BAD_TRACEPARENTS_BOTH_FLAGS: list[bytes] = BAD_TRACEPARENTS + [
+    value[:-2] + b"00" for value in BAD_TRACEPARENTS if value.endswith(b"-01")
+]
+
 VALID_TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 VALID_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 VALID_PARENT_ID = "00f067aa0ba902b7"
