@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typing check demo bench clean
+.PHONY: test lint typing check demo bench bench-instructions clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/asgi_overhead.py
 	$(BIN)/python benchmarks/wsgi_overhead.py
 	$(BIN)/python benchmarks/server_throughput.py
+
+# Instructions per request under valgrind: noise-free comparisons (needs valgrind installed).
+bench-instructions: $(STAMP)
+	$(BIN)/python benchmarks/instructions.py
 
 demo: $(STAMP)
 	$(BIN)/python -m demo_apps.run

@@ -97,8 +97,17 @@ def run_rounds(
     return samples
 
 
-def table(samples: dict[str, list[float]], baseline: str, peers: Sequence[str] = ()) -> None:
-    """Print median and min-max per variant, overhead over the baseline and ratios."""
+def table(
+    samples: dict[str, list[float]],
+    baseline: str,
+    peers: Sequence[str] = (),
+    pairs: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Print median and min-max per variant, overhead over the baseline and ratios.
+
+    Every langfuse_mw variant is compared with every one of ``peers``, and each ``(ours,
+    peer)`` of ``pairs`` with each other (a peer measured for one case only, e.g. not sampled).
+    """
     base = statistics.median(samples[baseline])
     medians = {name: statistics.median(values) for name, values in samples.items()}
     print(f"{'variant':<34}{'median us/req':>14}{'min-max':>18}{'overhead':>11}{'x bare':>8}")
@@ -107,11 +116,13 @@ def table(samples: dict[str, list[float]], baseline: str, peers: Sequence[str] =
         spread = f"{min(values):.1f}-{max(values):.1f}"
         print(f"{name:<34}{median:>14.1f}{spread:>18}{median - base:>+11.1f}{median / base:>8.2f}")
     ours = [n for n in samples if n.startswith("langfuse_mw")]
-    for name in ours:
-        for peer in peers:
-            mine, theirs = medians[name] - base, medians[peer] - base
-            if theirs > 0:
-                print(f"overhead ratio {name} / {peer}: {mine / theirs:.2f}")
+    compared = [(name, peer) for name in ours for peer in peers] + [
+        (name, peer) for name, peer in pairs if name in samples and peer in samples
+    ]
+    for name, peer in compared:
+        mine, theirs = medians[name] - base, medians[peer] - base
+        if theirs > 0:
+            print(f"overhead ratio {name} / {peer}: {mine / theirs:.2f}")
     print()
 
 
@@ -185,8 +196,9 @@ def measure(
     rounds: int,
     requests: int,
     peers: Sequence[str],
+    pairs: Sequence[tuple[str, str]] = (),
 ) -> None:
-    """Print both tables for ``variants`` (one has to be ``bare``).
+    """Print both tables for ``variants`` (one has to be ``bare``); ``peers``/``pairs`` as in table.
 
     ``flushes`` exports what each tracing variant holds: between rounds for the request path,
     inside the measurement for total CPU.
@@ -202,7 +214,7 @@ def measure(
 
     print(f"## {title}request path (wall time on the request's thread; export between rounds)")
     samples = run_rounds(variants, rounds=rounds, requests=requests, settle=settle)
-    table(samples, "bare", peers=peers)
+    table(samples, "bare", peers=peers, pairs=pairs)
 
     print(f"## {title}total CPU per request, background export included")
     cpu_variants = {
@@ -210,4 +222,4 @@ def measure(
         **{name: with_cpu(variants[name], flush) for name, flush in flushes.items()},
     }
     cpu = run_rounds(cpu_variants, rounds=max(3, rounds // 2), requests=requests)
-    table(cpu, "bare", peers=peers)
+    table(cpu, "bare", peers=peers, pairs=pairs)

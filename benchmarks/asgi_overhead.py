@@ -9,6 +9,8 @@ Variants, alternated round by round:
                               decision is followed (the usual request behind a sampling edge)
   langfuse_mw (excluded path) a request LangfuseMiddleware skips (exclude_paths)
   otel asgi (1 span)          opentelemetry-instrumentation-asgi, exclude_spans=receive/send
+  otel asgi (not sampled)     the same with ParentBased(TraceIdRatioBased(0)): OpenTelemetry's
+                              cost for a request its sampler drops
   naive langfuse (docs)       the @app.middleware("http") example from the Langfuse docs
                               (BaseHTTPMiddleware + start_as_current_observation)
 
@@ -38,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from langfuse import Langfuse
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -186,6 +189,8 @@ def main() -> None:
     otel_exporter, naive_exporter = EncodingExporter(), EncodingExporter()
     otel_provider = TracerProvider()
     otel_provider.add_span_processor(deferred_processor(otel_exporter))
+    otel_dropping = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    otel_dropping.add_span_processor(deferred_processor(otel_exporter))
     naive_client = Langfuse(
         public_key="pk-lf-naive",
         secret_key="sk-lf-naive",
@@ -218,11 +223,13 @@ def main() -> None:
                 langfuse_mw_app(sink, framework, exclude_paths=["/items/.*"]), "/items/1"
             ),
             "otel asgi (1 span)": driver(otel_app(otel_provider, framework), "/items/1"),
+            "otel asgi (not sampled)": driver(otel_app(otel_dropping, framework), "/items/1"),
             "naive langfuse (docs)": driver(naive_app(naive_client, framework), "/items/1"),
         }
         measure(
             f"{framework}: ", variants, flushes, rounds=args.rounds, requests=args.requests,
             peers=["otel asgi (1 span)", "naive langfuse (docs)"],
+            pairs=[("langfuse_mw (not sampled)", "otel asgi (not sampled)")],
         )  # fmt: skip
     health = runtime.health()
     print(

@@ -21,15 +21,25 @@ def build() -> Any:
     if variant.startswith("langfuse_mw"):
         from langfuse_mw import LangfuseMiddleware
 
-        rate = 0.1 if variant.endswith("10%") else 1.0
-        app.add_middleware(LangfuseMiddleware, sample_rate=rate)
-    elif variant == "otel":
+        options: dict[str, Any] = {"sample_rate": 1.0}
+        if variant.endswith("10%"):
+            options["sample_rate"] = 0.1
+        elif variant.endswith("not sampled"):
+            options["sample_rate"] = 0.0  # every request dropped (none fails or is slow here)
+        elif variant.endswith("not sampled (no echo)"):
+            options.update(sample_rate=0.0, echo_request_id=False)
+        elif variant.endswith("excluded"):
+            options["exclude_paths"] = ["/items/.*"]
+        app.add_middleware(LangfuseMiddleware, **options)
+    elif variant.startswith("otel"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        provider = TracerProvider()
+        rate = 0.0 if variant.endswith("not sampled") else 1.0
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(rate)))
         endpoint = os.environ["LANGFUSE_BASE_URL"] + "/v1/traces"
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         app.add_middleware(

@@ -2,9 +2,12 @@
 
 Every tracing variant exports for real, over HTTP, to a local sink that answers 200 (so the
 export thread's encoding, compression and POSTs compete with the requests, as in production).
-Variants alternate round by round; medians are printed with ratios to bare.
+Variants alternate round by round; medians are printed with ratios to bare. "not sampled" is
+every request dropped by the sampler (sample_rate=0 / TraceIdRatioBased(0)); "no echo" also
+turns off the x-request-id response header; "excluded" is a path the middleware skips.
 
     python benchmarks/server_throughput.py [--rounds 3] [--seconds 5] [--connections 32]
+                                           [--variants bare,langfuse_mw excluded,...]
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ["bare", "langfuse_mw 100%", "langfuse_mw 10%", "otel"]
+VARIANTS = [
+    "bare",
+    "langfuse_mw 100%",
+    "langfuse_mw 10%",
+    "langfuse_mw not sampled",
+    "langfuse_mw not sampled (no echo)",
+    "langfuse_mw excluded",
+    "otel",
+    "otel not sampled",
+]
 
 
 class _Sink(http.server.BaseHTTPRequestHandler):
@@ -88,7 +100,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated, from: " + "; ".join(VARIANTS),
+    )
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "bare" not in variants:
+        parser.error(f"unknown variants {unknown} (bare is required: ratios are against it)")
 
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
@@ -96,9 +117,9 @@ def main() -> None:
     print("# uvicorn (1 worker) + wrk, hello world, export to a local HTTP sink")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, rounds={args.rounds}, "
           f"{args.seconds}s each, {args.connections} connections\n")  # fmt: skip
-    results: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    results: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in variants:
             process, url = serve(variant, sink_url)
             try:
                 wrk(url, 1, args.connections)  # warm-up
@@ -108,11 +129,11 @@ def main() -> None:
                 process.wait(10)
     base_rps = statistics.median(r for r, _ in results["bare"])
     base_p99 = statistics.median(p for _, p in results["bare"])
-    print(f"{'variant':<20}{'req/s':>10}{'x bare':>8}{'p99 ms':>10}{'x bare':>8}")
+    print(f"{'variant':<34}{'req/s':>10}{'x bare':>8}{'p99 ms':>10}{'x bare':>8}")
     for variant, runs in results.items():
         rps = statistics.median(r for r, _ in runs)
         p99 = statistics.median(p for _, p in runs)
-        print(f"{variant:<20}{rps:>10.0f}{rps / base_rps:>8.2f}{p99:>10.2f}{p99 / base_p99:>8.2f}")
+        print(f"{variant:<34}{rps:>10.0f}{rps / base_rps:>8.2f}{p99:>10.2f}{p99 / base_p99:>8.2f}")
     sink.shutdown()
 
 

@@ -10,6 +10,8 @@ Variants, alternated round by round:
   langfuse_mw (excluded path) a request LangfuseFlask skips (exclude_paths)
   otel wsgi (1 span)          opentelemetry-instrumentation-wsgi's OpenTelemetryMiddleware
                               on app.wsgi_app, with a batch processor
+  otel wsgi (not sampled)     the same with ParentBased(TraceIdRatioBased(0)): OpenTelemetry's
+                              cost for a request its sampler drops
 
 Every tracing variant exports through a sink that encodes and gzips OTLP protobuf (only the
 network is left out). Printed: the request path (wall µs/request, every exporter holding the
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flask import Flask
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from benchmarks._common import (
     NOT_SAMPLED_PARENT,
@@ -134,6 +137,8 @@ def main() -> None:
     otel_exporter = EncodingExporter()
     otel_provider = TracerProvider()
     otel_provider.add_span_processor(deferred_processor(otel_exporter))
+    otel_dropping = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    otel_dropping.add_span_processor(deferred_processor(otel_exporter))
     variants = {
         "bare": driver(make_app(), "/items/1"),
         "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
@@ -147,6 +152,7 @@ def main() -> None:
             langfuse_mw_app(sink, exclude_paths=["/items/.*"]), "/items/1"
         ),
         "otel wsgi (1 span)": driver(otel_app(otel_provider), "/items/1"),
+        "otel wsgi (not sampled)": driver(otel_app(otel_dropping), "/items/1"),
     }
     flushes: dict[str, Callable[[], Any]] = {
         "langfuse_mw": lambda: runtime.flush(30),
@@ -156,6 +162,7 @@ def main() -> None:
     measure(
         "", variants, flushes, rounds=args.rounds, requests=args.requests,
         peers=["otel wsgi (1 span)"],
+        pairs=[("langfuse_mw (not sampled)", "otel wsgi (not sampled)")],
     )  # fmt: skip
     health = runtime.health()
     print(
