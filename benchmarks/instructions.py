@@ -8,14 +8,15 @@ cost of one request, interpreter, framework and middleware included. Instruction
 time (cache misses are not counted), so this complements the timed benchmarks, it does not
 replace them: use it to compare variants and to see what a change saves.
 
-Variants (Starlette or FastAPI hello world, in-process, as in ``asgi_overhead.py``):
-  bare, langfuse_mw (100 % traced), langfuse_mw (not sampled), langfuse_mw (caller did not
-  sample), langfuse_mw (excluded path), otel asgi (1 span), otel asgi (not sampled).
+Variants (Starlette or FastAPI hello world as in ``asgi_overhead.py``, or Flask as in
+``wsgi_overhead.py``; in-process): bare, langfuse_mw (100 % traced), langfuse_mw (not sampled),
+langfuse_mw (caller did not sample), langfuse_mw (excluded path), otel (1 span), otel (not
+sampled): OpenTelemetry's ASGI or WSGI middleware.
 
 "request path" leaves every span in its exporter's queue; "with export" also encodes, gzips
 and hands them to a local sink (OTLP protobuf; no network) before the count stops.
 
-    python benchmarks/instructions.py [--requests 2000] [--framework starlette]
+    python benchmarks/instructions.py [--requests 2000] [--framework starlette|fastapi|flask]
                                       [--variants bare,langfuse_mw,...] [--jobs 2]
 
 Needs valgrind (``apt-get install valgrind``).
@@ -34,7 +35,20 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import asgi_overhead, wsgi_overhead
+from benchmarks._common import (
+    NOT_SAMPLED_PARENT,
+    EncodingExporter,
+    EncodingSink,
+    deferred_processor,
+    header,
+)
+from langfuse_mw import runtime
 
 VARIANTS = [
     "bare",
@@ -42,40 +56,35 @@ VARIANTS = [
     "langfuse_mw (not sampled)",
     "langfuse_mw (caller did not sample)",
     "langfuse_mw (excluded path)",
-    "otel asgi (1 span)",
-    "otel asgi (not sampled)",
+    "otel (1 span)",
+    "otel (not sampled)",
 ]
 # Variants whose spans are exported (the others export nothing: "with export" = request path).
-EXPORTING = {"langfuse_mw", "otel asgi (1 span)"}
+EXPORTING = {"langfuse_mw", "otel (1 span)"}
 PEERS = {
-    "langfuse_mw": "otel asgi (1 span)",
-    "langfuse_mw (not sampled)": "otel asgi (not sampled)",
+    "langfuse_mw": "otel (1 span)",
+    "langfuse_mw (not sampled)": "otel (not sampled)",
 }
+FRAMEWORKS = ["starlette", "fastapi", "flask"]
 WARM_UP = 300
 
 
 def build(variant: str, framework: str) -> tuple[Callable[[int], float], Callable[[], Any]]:
     """Return (run n requests, export what is queued) for one variant, in this process."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-    from benchmarks._common import (
-        NOT_SAMPLED_PARENT,
-        EncodingExporter,
-        EncodingSink,
-        deferred_processor,
-    )
-    from benchmarks.asgi_overhead import driver, langfuse_mw_app, make_app, otel_app
-    from langfuse_mw import runtime
-
-    path = "/items/1"
+    flask = framework == "flask"
     if variant == "bare":
-        return driver(make_app(framework), path), lambda: None
+        app = wsgi_overhead.make_app() if flask else asgi_overhead.make_app(framework)
+        return _driver(framework, app, caller=False), lambda: None
     if variant.startswith("otel"):
         rate = 0.0 if variant.endswith("(not sampled)") else 1.0
         provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(rate)))
         provider.add_span_processor(deferred_processor(EncodingExporter()))
-        return driver(otel_app(provider, framework), path), provider.force_flush
+        app = (
+            wsgi_overhead.otel_app(provider)
+            if flask
+            else asgi_overhead.otel_app(provider, framework)
+        )
+        return _driver(framework, app, caller=False), provider.force_flush
     settings: dict[str, dict[str, Any]] = {
         "langfuse_mw": {},
         "langfuse_mw (not sampled)": {"sample_rate": 0.0},
@@ -83,9 +92,21 @@ def build(variant: str, framework: str) -> tuple[Callable[[int], float], Callabl
         "langfuse_mw (excluded path)": {"exclude_paths": ["/items/.*"]},
     }
     options = settings[variant]
-    extra = [(b"traceparent", NOT_SAMPLED_PARENT.encode())] if "caller" in variant else None
-    app = langfuse_mw_app(EncodingSink(), framework, **options)
-    return driver(app, path, extra), lambda: runtime.flush(30)
+    if flask:
+        app = wsgi_overhead.langfuse_mw_app(EncodingSink(), **options)
+    else:
+        app = asgi_overhead.langfuse_mw_app(EncodingSink(), framework, **options)
+    return _driver(framework, app, caller="caller" in variant), lambda: runtime.flush(30)
+
+
+def _driver(framework: str, app: Any, *, caller: bool) -> Callable[[int], float]:
+    # The benchmarks' own drivers; ``caller`` sends a traceparent that did not sample.
+    path = "/items/1"
+    if framework == "flask":
+        environ = {"HTTP_TRACEPARENT": NOT_SAMPLED_PARENT} if caller else None
+        return wsgi_overhead.driver(app, path, environ)
+    headers = [(b"traceparent", NOT_SAMPLED_PARENT.encode())] if caller else None
+    return asgi_overhead.driver(app, path, headers)
 
 
 def child(variant: str, framework: str, requests: int, export: bool) -> None:
@@ -128,7 +149,7 @@ def per_request(variant: str, framework: str, requests: int, export: bool) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--framework", default="starlette", choices=["starlette", "fastapi"])
+    parser.add_argument("--framework", default="starlette", choices=FRAMEWORKS)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="valgrinds at once")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -145,13 +166,15 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
 
-    from benchmarks._common import header
-
+    packages = {
+        "flask": ["flask", "werkzeug", "opentelemetry-instrumentation-wsgi"],
+        "fastapi": ["fastapi", "starlette", "opentelemetry-instrumentation-asgi"],
+        "starlette": ["starlette", "opentelemetry-instrumentation-asgi"],
+    }[args.framework]
     header(
         f"Instructions per request under valgrind ({args.framework} hello world, in-process)",
-        ["langfuse-mw", "starlette", "fastapi", "opentelemetry-sdk",
-         "opentelemetry-instrumentation-asgi"],
-    )  # fmt: skip
+        ["langfuse-mw", "opentelemetry-sdk", *packages],
+    )
     print(f"{args.requests} requests per variant after {WARM_UP} to warm up\n")
     jobs = [(v, False) for v in variants] + [(v, True) for v in variants if v in EXPORTING]
 

@@ -25,14 +25,14 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen
     )  # fmt: skip
 
 
-def test_every_instruction_count_variant_runs_requests_and_exits_cleanly() -> None:
+@pytest.mark.parametrize("framework", instructions.FRAMEWORKS)
+def test_every_instruction_count_variant_runs_requests_and_exits_cleanly(framework: str) -> None:
     # The child is what valgrind counts: it must run the requests and exit 0 without export
     # at exit (os._exit), for every variant; run here without valgrind.
     script = str(ROOT / "benchmarks" / "instructions.py")
+    common = ["--framework", framework, "--requests", "3"]
     children = {
-        (variant, export): _run(
-            [script, "--child", variant, "--requests", "3", *(["--export"] if export else [])]
-        )
+        (variant, export): _run([script, "--child", variant, *common, *(["--export"] * export)])
         for variant in instructions.VARIANTS
         for export in (False, True)
         if export is False or variant in instructions.EXPORTING
