@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import gzip
 import os
@@ -95,6 +96,15 @@ def run_rounds(
             gc.collect()
             samples[name].append(run(requests) / requests * 1e6)
     return samples
+
+
+def chosen_variants(parser: argparse.ArgumentParser, text: str, known: Sequence[str]) -> list[str]:
+    """The comma-separated variants of ``--variants``, in order; ``bare`` is required."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(known))
+    if unknown or "bare" not in variants:
+        parser.error(f"unknown variants {unknown} (bare is required: ratios are against it)")
+    return variants
 
 
 def table(

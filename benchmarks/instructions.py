@@ -45,6 +45,7 @@ from benchmarks._common import (
     NOT_SAMPLED_PARENT,
     EncodingExporter,
     EncodingSink,
+    chosen_variants,
     deferred_processor,
     header,
 )
@@ -159,10 +160,7 @@ def main() -> None:
         child(args.child, args.framework, args.requests, args.export)
         return
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or "bare" not in variants:
-        parser.error(f"unknown variants {unknown} (bare is required: ratios are against it)")
+    variants = chosen_variants(parser, args.variants, VARIANTS)
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
 

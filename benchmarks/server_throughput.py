@@ -25,9 +25,14 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import httpx
 
+from benchmarks._common import chosen_variants
+
 ROOT = Path(__file__).resolve().parent.parent
+
 VARIANTS = [
     "bare",
     "langfuse_mw 100%",
@@ -106,10 +111,7 @@ def main() -> None:
         help="comma-separated, from: " + "; ".join(VARIANTS),
     )
     args = parser.parse_args()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or "bare" not in variants:
-        parser.error(f"unknown variants {unknown} (bare is required: ratios are against it)")
+    variants = chosen_variants(parser, args.variants, VARIANTS)
 
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
