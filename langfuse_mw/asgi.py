@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import time
 from typing import Any
 
@@ -61,6 +63,8 @@ class LangfuseMiddleware:
             await self.app(scope, exchange.receive, exchange.send)
         except Exception as exc:
             obs.record_exception(exc)
+            if exchange.echo is not None and obs.status is None:
+                _echo_on_server_error(self, scope, exchange.echo)
             raise
         except asyncio.CancelledError:
             obs.mark_disconnected()  # servers cancel the app when the client goes away
@@ -247,6 +251,112 @@ def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
         if key.lower() == header[0]:
             return message
     return {**message, "headers": [*headers, header]}
+
+
+# An unhandled exception's request id, for the 500 that ServerErrorMiddleware answers.
+_ERROR_ECHO_KEY = "langfuse_mw.error_echo"
+
+
+def _echo_on_server_error(mw: LangfuseMiddleware, scope: Scope, echo: tuple[bytes, bytes]) -> None:
+    # add_middleware places us inside Starlette's ServerErrorMiddleware, which answers an
+    # unhandled exception with its own 500 (default, debug page or the app's handler) through
+    # the server's send, never ours. Have that answer echo the request id like every other:
+    # its response builders are wrapped (once, on the first exception: nothing on the request
+    # path) to read the id from the scope, where we leave it as the exception goes out.
+    try:
+        server_error = _enclosing_server_error(mw, scope.get("app"))
+        if server_error is not None:
+            scope[_ERROR_ECHO_KEY] = echo
+            if not getattr(server_error, "_langfuse_mw_echo", False):
+                _wrap_error_responses(server_error)
+    except Exception as exc:
+        report("asgi.error_echo", exc)
+
+
+def _enclosing_server_error(mw: LangfuseMiddleware, app: Any) -> Any:
+    """The innermost ServerErrorMiddleware of ``app``'s stack that has ``mw`` inside, or None."""
+    try:
+        from starlette.middleware.errors import ServerErrorMiddleware
+    except ImportError:
+        return None
+    node, found = getattr(app, "middleware_stack", None), None
+    for _ in range(100):  # a stack is a chain of ``.app``; never loop on a cyclic one
+        if node is None or node is mw:
+            return found if node is mw else None
+        if isinstance(node, ServerErrorMiddleware):
+            found = node
+        node = getattr(node, "app", None)
+    return None
+
+
+def _wrap_error_responses(server_error: Any) -> None:
+    # Instance attributes shadow the class's methods; the app's handler keeps its kind
+    # (awaited, or run in the threadpool), which Starlette tells by the callable itself.
+    server_error.error_response = _echoing_sync(server_error.error_response)
+    server_error.debug_response = _echoing_sync(server_error.debug_response)
+    handler = server_error.handler
+    if handler is not None:
+        server_error.handler = (
+            _echoing_async(handler) if _is_async_callable(handler) else _echoing_sync(handler)
+        )
+    server_error._langfuse_mw_echo = True
+
+
+def _echoing_sync(build: Any) -> Any:
+    def echoing(request: Any, exc: Exception) -> Any:
+        return _EchoingResponse.around(request, build(request, exc))
+
+    return echoing
+
+
+def _echoing_async(build: Any) -> Any:
+    async def echoing(request: Any, exc: Exception) -> Any:
+        return _EchoingResponse.around(request, await build(request, exc))
+
+    return echoing
+
+
+def _is_async_callable(obj: Any) -> bool:
+    # Starlette's own test (starlette._utils.is_async_callable), which is private.
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    return inspect.iscoroutinefunction(obj) or (
+        callable(obj) and inspect.iscoroutinefunction(obj.__call__)
+    )
+
+
+class _EchoingResponse:
+    """The error response as built, sent with the request id added to its start message.
+
+    A wrapper, not a change to the response: a handler may return the same object every time.
+    """
+
+    def __init__(self, response: ASGIApp, header: tuple[bytes, bytes]) -> None:
+        self.response, self.header = response, header
+
+    @classmethod
+    def around(cls, request: Any, response: Any) -> Any:
+        try:
+            header = request.scope.get(_ERROR_ECHO_KEY)
+        except Exception:
+            return response
+        return response if header is None or not callable(response) else cls(response, header)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header = self.header
+
+        async def echoing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = _with_header(message, header)
+            await send(message)
+
+        await self.response(scope, receive, echoing_send)
+
+    def __getattr__(self, name: str) -> Any:
+        # status_code, headers, body: the response's (not before __init__ set it: copy()).
+        if name in ("response", "header"):
+            raise AttributeError(name)
+        return getattr(self.response, name)
 
 
 def _consume(task: asyncio.Task[None]) -> None:

@@ -152,11 +152,11 @@ async def test_unhandled_exception_is_recorded_and_reraised_untouched(
     with pytest.raises(RuntimeError, match="kaboom"):
         await make_client(app, raise_app_exceptions=True).get("/boom")
     response = await make_client(app).get("/boom")
-    assert response.status_code == 500
-    if placement == "wrap":
-        # Outside Starlette's ServerErrorMiddleware we also see (and tag) its 500 response.
-        assert response.headers["x-request-id"]
+    # Starlette's own 500, with the request id whether the middleware is inside
+    # ServerErrorMiddleware (add_middleware) or outside it (wrap).
+    assert (response.status_code, response.text) == (500, "Internal Server Error")
     roots = langfuse_capture.spans(name="GET /boom")
+    assert response.headers["x-request-id"] == roots[1]["metadata"]["requestId"]
     assert len(roots) == 2
     for root in roots:
         assert root["level"] == "ERROR"
@@ -167,6 +167,111 @@ async def test_unhandled_exception_is_recorded_and_reraised_untouched(
         assert event["name"] == "exception"
         assert event["attributes"]["exception.type"] == "builtins.RuntimeError"
         assert "kaboom" in event["attributes"]["exception.stacktrace"]
+
+
+def _error_handler(kind: str) -> Any:
+    from starlette.responses import PlainTextResponse
+
+    shared = PlainTextResponse("shared oops", status_code=500)
+
+    async def async_handler(request: Any, exc: Exception) -> Any:
+        return PlainTextResponse(f"async oops: {exc}", status_code=500)
+
+    def sync_handler(request: Any, exc: Exception) -> Any:
+        try:  # still run in the threadpool, as Starlette runs a plain function
+            asyncio.get_running_loop()
+            where = "on the event loop"
+        except RuntimeError:
+            where = "sync oops"
+        return PlainTextResponse(f"{where}: {exc}", status_code=500)
+
+    async def own_id(request: Any, exc: Exception) -> Any:
+        return PlainTextResponse("own", status_code=500, headers={"x-request-id": "app-500"})
+
+    async def shared_response(request: Any, exc: Exception) -> Any:
+        return shared  # one object for every error: must not be changed by us
+
+    return {"async": async_handler, "sync": sync_handler, "own id": own_id,
+            "shared": shared_response}[kind]  # fmt: skip
+
+
+@framework
+@pytest.mark.parametrize(
+    ("handler", "body"),
+    [
+        (None, "Internal Server Error"),
+        ("debug", None),
+        ("async", "async oops: kaboom"),
+        ("sync", "sync oops: kaboom"),
+        ("own id", "own"),
+        ("shared", "shared oops"),
+    ],
+)
+async def test_starlettes_500_for_an_unhandled_exception_echoes_the_request_id(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str,
+    handler: str | None, body: str | None,
+) -> None:  # fmt: skip
+    # add_middleware puts us inside ServerErrorMiddleware, which answers the 500 itself:
+    # its answer (default, debug page or the app's handler) is unchanged but for the header.
+    app = apps.build(framework)
+    if handler == "debug":
+        app.debug = True
+    elif handler is not None:
+        app.add_exception_handler(Exception, _error_handler(handler))
+    app.add_middleware(LangfuseMiddleware)
+    client = make_client(app)
+    responses = [await client.get("/boom", headers={"x-request-id": f"req-{i}"}) for i in (1, 2)]
+    for i, response in enumerate(responses, 1):
+        assert response.status_code == 500
+        if body is not None:
+            assert response.text == body
+        else:
+            assert "RuntimeError" in response.text and "kaboom" in response.text
+        expected = ["app-500"] if handler == "own id" else [f"req-{i}"]
+        assert response.headers.get_list("x-request-id") == expected
+    roots = langfuse_capture.spans(name="GET /boom")
+    assert [root["metadata"]["requestId"] for root in roots] == ["req-1", "req-2"]
+    assert all(root["level"] == "ERROR" for root in roots)
+
+
+@framework
+@pytest.mark.parametrize("case", ["excluded", "no echo", "sampled out", "started"])
+async def test_starlettes_500_echo_follows_the_request(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str, case: str
+) -> None:
+    # Only a request we answer for gets the header: not an excluded one, not with the echo
+    # off; a request that was not sampled still does (it is exported because it failed).
+    options: dict[str, Any] = {
+        "excluded": {"exclude_paths": ["/boom"]},
+        "no echo": {"echo_request_id": False},
+        "sampled out": {"sample_rate": 0.0},
+        "started": {},
+    }[case]
+    app = traced_app(framework, **options)
+    path = "/stream-boom" if case == "started" else "/boom"
+    if case == "started":
+        from starlette.responses import StreamingResponse
+
+        async def chunks() -> Any:
+            yield b"part"
+            raise RuntimeError("kaboom")
+
+        async def stream_boom(request: Any) -> Any:
+            return StreamingResponse(chunks())
+
+        app.router.routes.insert(0, apps.Route("/stream-boom", stream_boom))
+    response = await make_client(app).get(path)
+    # A body that fails after the start: that start (with its header) is the answer.
+    assert (response.status_code, response.content) == (
+        (200, b"part") if case == "started" else (500, b"Internal Server Error")
+    )
+    echoed = response.headers.get_list("x-request-id")
+    if case in ("excluded", "no echo"):
+        assert echoed == []
+    else:
+        root = langfuse_capture.single(name=f"GET {path}")
+        assert echoed == [root["metadata"]["requestId"]]
+        assert root["level"] == "ERROR"
 
 
 @pytest.mark.parametrize(("code", "level", "options"), LEVEL_CASES)

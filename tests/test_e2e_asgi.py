@@ -108,3 +108,28 @@ def test_requests_are_served_the_same_when_langfuse_refuses_connections() -> Non
     finally:
         server.terminate()
         server.close()
+
+
+def test_an_unhandled_exception_under_uvicorn_is_starlettes_500_with_the_request_id(
+    receiver: DevServer,
+) -> None:
+    # RELIABILITY case 17 with the one-line install (add_middleware): the 500 that
+    # ServerErrorMiddleware answers carries the request id, for every request and the first.
+    server = uvicorn(receiver.url, LANGFUSE_MW_FLUSH_INTERVAL="0.1")
+    try:
+        # A connection each: uvicorn closes the connection when the app raised.
+        url = f"{server.url}/boom"
+        responses = [httpx.get(url, headers={"x-request-id": f"err-{i}"}) for i in (1, 2)]
+        generated = httpx.get(url)
+        server.terminate()
+    finally:
+        server.close()
+    for i, response in enumerate(responses, 1):
+        assert (response.status_code, response.text) == (500, "Internal Server Error")
+        assert response.headers.get_list("x-request-id") == [f"err-{i}"]
+    generated_id = generated.headers["x-request-id"]
+    roots = [s for s in receiver.received_spans() if s["name"] == "GET /boom"]
+    assert sorted(r["attributes"]["langfuse.observation.metadata.requestId"] for r in roots) == [
+        f'"{generated_id}"', '"err-1"', '"err-2"',
+    ]  # fmt: skip
+    assert all(r["attributes"]["langfuse.observation.level"] == "ERROR" for r in roots)
