@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -115,6 +115,18 @@ def _origin(url: str) -> tuple[str, str, int]:
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").rstrip(".")
     return scheme, host, parts.port or _DEFAULT_PORTS.get(scheme, 0)
+
+
+def _shown_url(url: str, redact: Any) -> str:
+    """The URL as exported: credentials replaced (OpenTelemetry's ``url.full`` rule), query
+    secrets redacted, no fragment (never sent over HTTP, and OAuth puts tokens there)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = ("REDACTED:REDACTED@" if ":" in userinfo else "REDACTED@") + hostport
+    base = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return f"{base}?{redact_query(parts.query, redact)}" if parts.query else base
 
 
 def _ip(host: str) -> Any:
@@ -243,9 +255,9 @@ def begin_call(
         request_id = request.request_id
         user_id = user_id if user_id is not None else request.user_id
         session_id = session_id if session_id is not None else request.session_id
-    base, _, query = url.partition("?")
-    shown = f"{base}?{redact_query(query, redact)}" if query else base
-    call = OutboundCall(rt, parent, method, shown, host, user_id, session_id, request_id)
+    call = OutboundCall(
+        rt, parent, method, _shown_url(url, redact), host, user_id, session_id, request_id
+    )
 
     headers: dict[str, str] = {}
     if "traceparent" not in present:

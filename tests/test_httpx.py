@@ -198,6 +198,28 @@ async def test_allow_list_origins_are_matched_exactly(
     assert ("x-request-id" in sent) is allowed
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://alice:s3cret@inventory:8000/x?token=s3cret&page=2#frag-s3cret",
+         "http://REDACTED:REDACTED@inventory:8000/x?token=[REDACTED]&page=2"),
+        ("https://s3cret@inventory/x", "https://REDACTED@inventory/x"),
+        ("http://inventory/plain", "http://inventory/plain"),
+    ],
+)  # fmt: skip
+async def test_credentials_and_fragments_of_a_url_are_never_exported(
+    langfuse_capture: LangfuseCapture, get: Any, url: str, shown: str
+) -> None:
+    # OpenTelemetry's url.full rule: user and password become REDACTED; a fragment is never
+    # sent over HTTP (an OAuth redirect may carry a token there), so it is not shown either.
+    recorder = Recorder()
+    with in_request():
+        await get(url, recorder)
+    (call,) = [s for s in langfuse_capture.spans() if s["name"].startswith("GET inventory/")]
+    assert call["input"]["url"] == shown
+    assert b"s3cret" not in b"".join(langfuse_capture.sender.requests)
+
+
 async def test_a_redirect_off_the_list_loses_the_ids(
     langfuse_capture: LangfuseCapture, get: Any
 ) -> None:
