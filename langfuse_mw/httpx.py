@@ -8,15 +8,10 @@ from typing import Any
 try:
     import httpx
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
-    raise ImportError(
-        'langfuse_mw.httpx needs httpx: pip install "langfuse-mw[httpx]"'
-    ) from exc
+    raise ImportError('langfuse_mw.httpx needs httpx: pip install "langfuse-mw[httpx]"') from exc
 
-from . import runtime
 from ._failsafe import report
-from .config import resolve_settings
-from .headers import compile_redactor
-from .outbound import OutboundCall, Targets, begin_call
+from .outbound import OutboundCall, Policy
 
 __all__ = ["AsyncTracedClient", "AsyncTracingTransport", "TracedClient", "TracingTransport"]
 
@@ -25,37 +20,20 @@ __all__ = ["AsyncTracedClient", "AsyncTracingTransport", "TracedClient", "Tracin
 _INJECTED = "langfuse_mw.injected"
 
 
-class _Policy:
-    """What both transports share: the allow-list, the redactor, and per-request injection."""
-
-    def __init__(self, propagate_to: Sequence[str] | None, trace_outside_requests: bool) -> None:
-        options = {} if propagate_to is None else {"propagate_to": propagate_to}
-        settings = resolve_settings(options)
-        rt = runtime.current()
-        langfuse = (rt.settings if rt is not None else settings).base_url
-        self.targets = Targets(settings.propagate_to, langfuse)
-        self.redact = compile_redactor(settings.redact_query_keys)
-        self.trace_outside_requests = trace_outside_requests
-
-    def prepare(self, request: httpx.Request) -> OutboundCall | None:
-        try:
-            for name in request.extensions.get(_INJECTED, ()):
-                request.headers.pop(name, None)
-            present = {name.lower() for name in request.headers}
-            call, headers = begin_call(
-                request.method,
-                str(request.url),
-                present,
-                self.targets,
-                redact=self.redact,
-                trace_outside_requests=self.trace_outside_requests,
-            )
-            request.headers.update(headers)
-            request.extensions = {**request.extensions, _INJECTED: tuple(headers)}
-            return call
-        except Exception as exc:
-            report("httpx.request", exc)
-            return None
+def _prepare(policy: Policy, request: httpx.Request) -> OutboundCall | None:
+    # Add the call's headers to the request (a redirect's request first loses the ones we
+    # added to the previous hop: its target is judged afresh) and start its observation.
+    try:
+        for name in request.extensions.get(_INJECTED, ()):
+            request.headers.pop(name, None)
+        present = {name.lower() for name in request.headers}
+        call, headers = policy.begin(request.method, str(request.url), present)
+        request.headers.update(headers)
+        request.extensions = {**request.extensions, _INJECTED: tuple(headers)}
+        return call
+    except Exception as exc:
+        report("httpx.request", exc)
+        return None
 
 
 class TracingTransport(httpx.BaseTransport):
@@ -69,10 +47,10 @@ class TracingTransport(httpx.BaseTransport):
         trace_outside_requests: bool = False,
     ) -> None:
         self._transport = transport or httpx.HTTPTransport()
-        self._policy = _Policy(propagate_to, trace_outside_requests)
+        self._policy = Policy(propagate_to, trace_outside_requests)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = self._policy.prepare(request)
+        call = _prepare(self._policy, request)
         if call is None:
             return self._transport.handle_request(request)
         try:
@@ -101,10 +79,10 @@ class AsyncTracingTransport(httpx.AsyncBaseTransport):
         trace_outside_requests: bool = False,
     ) -> None:
         self._transport = transport or httpx.AsyncHTTPTransport()
-        self._policy = _Policy(propagate_to, trace_outside_requests)
+        self._policy = Policy(propagate_to, trace_outside_requests)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = self._policy.prepare(request)
+        call = _prepare(self._policy, request)
         if call is None:
             return await self._transport.handle_async_request(request)
         try:

@@ -28,6 +28,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from . import _failsafe, runtime
 from ._record import MAX_MESSAGE, SpanRecord, exception_attributes
+from .config import resolve_settings
 from .context import get_request_context
 from .core import (
     A_ENVIRONMENT,
@@ -42,9 +43,9 @@ from .core import (
     CTX_SESSION,
     CTX_USER,
 )
-from .headers import redact_query, truncate
+from .headers import compile_redactor, redact_query, truncate
 
-__all__ = ["OutboundCall", "Targets", "begin_call"]
+__all__ = ["OutboundCall", "Policy", "Targets", "begin_call"]
 
 INTERNAL = "internal"
 INTERNAL_SUFFIXES = (".internal", ".local", ".svc.cluster.local", ".localhost")
@@ -218,6 +219,29 @@ class OutboundCall(SpanRecord):
         attrs[A_LEVEL] = "ERROR"
         attrs[A_STATUS_MESSAGE] = message
         return name, attrs, StatusCode.ERROR.value, message
+
+
+class Policy:
+    """What every HTTP client adapter shares: the allow-list, the query redactor, and whether
+    calls outside a request are traced."""
+
+    def __init__(self, propagate_to: Sequence[str] | None, trace_outside_requests: bool) -> None:
+        options = {} if propagate_to is None else {"propagate_to": propagate_to}
+        settings = resolve_settings(options)
+        rt = runtime.current()
+        langfuse = (rt.settings if rt is not None else settings).base_url
+        self.targets = Targets(settings.propagate_to, langfuse)
+        self.redact = compile_redactor(settings.redact_query_keys)
+        self.trace_outside_requests = trace_outside_requests
+
+    def begin(
+        self, method: str, url: str, present: set[str]
+    ) -> tuple[OutboundCall | None, dict[str, str]]:
+        """``begin_call`` with this policy: the call's observation and the headers to add."""
+        return begin_call(
+            method, url, present, self.targets, redact=self.redact,
+            trace_outside_requests=self.trace_outside_requests,
+        )  # fmt: skip
 
 
 def begin_call(

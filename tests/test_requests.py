@@ -1,0 +1,303 @@
+"""TracedSession / TracingAdapter (requests) against real HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import requests
+
+from langfuse_mw.requests import TracedSession, TracingAdapter
+from langfuse_mw.testing import LangfuseCapture
+from tests.test_httpx import ID_HEADERS, in_request
+
+
+class Target:
+    """A real HTTP server that records the headers of every request it gets."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, str]] = []
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.do_GET()
+
+            def do_GET(self) -> None:
+                target.received.append({k.lower(): v for k, v in self.headers.items()})
+                path, _, query = self.path.partition("?")
+                if path == "/redirect":
+                    self.answer(302, b"", [("Location", query.removeprefix("to="))])
+                elif path.startswith("/status/"):
+                    self.answer(int(path.rsplit("/", 1)[1]), b"status")
+                elif path == "/stream":
+                    self.stream()
+                elif path == "/broken":
+                    # Announces 100 bytes, sends 5 and hangs up.
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b"short")
+                    self.close_connection = True
+                else:
+                    self.answer(200, b"ok")
+
+            def answer(self, code: int, body: bytes, headers: Any = ()) -> None:
+                self.send_response(code)
+                for name, value in headers:
+                    self.send_header(name, value)
+                if code not in (204, 304):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD" and code not in (204, 304):
+                    self.wfile.write(body)
+
+            def stream(self) -> None:
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for chunk in (b"a", b"b", b"c"):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                self.wfile.write(b"0\r\n\r\n")
+
+        class Quiet(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that closed a stream early: expected here
+
+        self.server = Quiet(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    server = Target()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def other() -> Iterator[Target]:
+    server = Target()
+    yield server
+    server.close()
+
+
+def calls(capture: LangfuseCapture) -> list[dict[str, Any]]:
+    return [span for span in capture.spans() if span["kind"] == 3]  # SPAN_KIND_CLIENT
+
+
+def test_a_call_carries_trace_context_and_ids_and_is_traced_whole(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    with in_request(x_user_id="u-1", x_session_id="s-1", x_request_id="req-1"):
+        with TracedSession() as session:
+            response = session.get(f"{target.url}/items?token=abc&page=2")
+        # The body was read before Session.get returned: the call has ended.
+        (call,) = calls(langfuse_capture)
+    assert response.text == "ok"
+    root = langfuse_capture.single(name="GET /checkout")
+    sent = target.received[0]
+    assert call["parent_span_id"] == root["span_id"]
+    assert sent["traceparent"] == f"00-{root['trace_id']}-{call['span_id']}-01"
+    assert sent["x-request-id"] == "req-1"
+    entries = dict(item.split("=") for item in sent["baggage"].split(","))
+    assert entries == {
+        "langfuse_trace_id": root["trace_id"],
+        "langfuse_user_id": "u-1",
+        "langfuse_session_id": "s-1",
+    }
+    assert call["name"] == "GET 127.0.0.1/items"
+    assert call["input"] == {"method": "GET", "url": f"{target.url}/items?token=[REDACTED]&page=2"}
+    assert call["output"] == {"statusCode": 200}
+    assert (call["user_id"], call["session_id"]) == ("u-1", "s-1")
+    assert call["metadata"] == {"host": "127.0.0.1", "requestId": "req-1"}
+
+
+@pytest.mark.parametrize("method", ["HEAD", "GET 204", "GET 304"])
+def test_bodiless_answers_end_the_call(
+    langfuse_capture: LangfuseCapture, target: Target, method: str
+) -> None:
+    verb, _, code = method.partition(" ")
+    path = f"/status/{code}" if code else "/ok"
+    with in_request(), TracedSession() as session:
+        response = session.request(verb, target.url + path)
+        (call,) = calls(langfuse_capture)
+    assert call["output"] == {"statusCode": response.status_code}
+
+
+def test_a_streamed_body_ends_the_call_when_read_to_the_end(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    with (
+        in_request(),
+        TracedSession() as session,
+        session.get(f"{target.url}/stream", stream=True) as response,
+    ):
+        assert calls(langfuse_capture) == []  # headers are in, the body is not
+        assert b"".join(response.iter_content(1)) == b"abc"
+        (call,) = calls(langfuse_capture)
+    # Timed whole: the three chunks were 0.1 s apart.
+    assert call["end_time_unix_nano"] - call["start_time_unix_nano"] >= 0.2e9
+    assert call["output"] == {"statusCode": 200}
+
+
+def test_a_streamed_body_closed_early_ends_the_call(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    with in_request(), TracedSession() as session:
+        response = session.get(f"{target.url}/stream", stream=True)
+        chunks = response.iter_content(1)
+        assert next(chunks) == b"a"
+        assert calls(langfuse_capture) == []
+        response.close()
+        (call,) = calls(langfuse_capture)
+    assert call["output"] == {"statusCode": 200}
+    assert "level" not in call or call["level"] != "ERROR"
+
+
+def test_a_redirect_is_judged_again_at_each_hop(
+    langfuse_capture: LangfuseCapture, target: Target, other: Target
+) -> None:
+    # Only the first server is on the list: the hop to the other port loses the ids but gets
+    # trace context of its own.
+    with (
+        in_request(x_user_id="u-1", x_request_id="req-1"),
+        TracedSession(propagate_to=[target.url]) as session,
+    ):
+        response = session.get(f"{target.url}/redirect?to={other.url}/landing")
+    assert response.status_code == 200 and response.history[0].status_code == 302
+    first, second = target.received[0], other.received[0]
+    assert "baggage" in first and first["x-request-id"] == "req-1"
+    assert not any(name in second for name in ID_HEADERS)
+    assert second["traceparent"] != first["traceparent"]
+    hop1, hop2 = sorted(calls(langfuse_capture), key=lambda span: span["start_time_unix_nano"])
+    assert first["traceparent"].split("-")[2] == hop1["span_id"]
+    assert second["traceparent"].split("-")[2] == hop2["span_id"]
+    assert (hop1["output"], hop2["output"]) == ({"statusCode": 302}, {"statusCode": 200})
+
+
+def test_a_redirect_on_the_list_keeps_the_ids_with_a_fresh_traceparent(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    with in_request(x_user_id="u-1", x_request_id="req-1"), TracedSession() as session:
+        session.get(f"{target.url}/redirect?to=/ok")
+    first, second = target.received
+    assert first["x-request-id"] == second["x-request-id"] == "req-1"
+    assert first["baggage"] == second["baggage"]
+    assert first["traceparent"] != second["traceparent"]
+
+
+def test_headers_the_caller_set_are_never_overwritten(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    preset = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01", "baggage": "mine=1",
+              "x-request-id": "caller"}  # fmt: skip
+    with in_request(x_user_id="u-1", x_request_id="req-1"), TracedSession() as session:
+        session.headers.update(preset)
+        session.get(f"{target.url}/redirect?to=/ok")
+    for sent in target.received:  # on both hops
+        assert {name: sent[name] for name in preset} == preset
+
+
+def test_an_id_the_caller_sets_on_the_next_call_is_kept(
+    langfuse_capture: LangfuseCapture, target: Target, other: Target
+) -> None:
+    # After a traced call, a call to a target off the list that sets the request id itself
+    # (the same value we sent before) is not mistaken for a redirect's copy.
+    with in_request(x_request_id="req-1"), TracedSession(propagate_to=[target.url]) as session:
+        session.get(f"{target.url}/ok")
+        session.get(f"{other.url}/ok", headers={"x-request-id": "req-1"})
+    assert target.received[0]["x-request-id"] == other.received[0]["x-request-id"] == "req-1"
+
+
+def test_errors_are_recorded_and_reraised_unchanged(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    closed = Target()
+    closed.close()  # a port nobody listens on
+    with in_request(), TracedSession() as session:
+        with pytest.raises(requests.ConnectionError):
+            session.get(f"{closed.url}/refused")
+        assert session.get(f"{target.url}/status/503").status_code == 503
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            session.get(f"{target.url}/broken")
+    by_path = {span["name"].split("/", 1)[1]: span for span in calls(langfuse_capture)}
+    refused, failed, broken = by_path["refused"], by_path["status/503"], by_path["broken"]
+    assert refused["level"] == "ERROR" and refused["status_message"].startswith("ConnectionError")
+    assert refused["output"] == {"statusCode": None}
+    assert (failed["level"], failed["status_message"]) == ("ERROR", "HTTP 503")
+    # The body broke off after the headers: the status arrived, the call still failed.
+    assert broken["output"] == {"statusCode": 200}
+    assert broken["level"] == "ERROR" and "IncompleteRead" in broken["status_message"]
+
+
+def test_calls_to_langfuse_itself_are_left_alone(langfuse_capture: LangfuseCapture) -> None:
+    # The capture runtime's base_url is http://127.0.0.1:9 (nothing listens there).
+    with (
+        in_request(x_user_id="u-1"),
+        TracedSession() as session,
+        pytest.raises(requests.ConnectionError) as info,
+    ):
+        session.get("http://127.0.0.1:9/api/public/otel/v1/traces")
+    sent = info.value.request.headers
+    assert not any(name in sent for name in ("traceparent", *ID_HEADERS))
+    assert calls(langfuse_capture) == []
+
+
+def test_outside_a_request_nothing_is_started_unless_asked(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    with TracedSession() as session:
+        session.get(f"{target.url}/job")
+    assert "traceparent" not in target.received[0]
+    assert langfuse_capture.spans() == []
+    with TracedSession(trace_outside_requests=True) as session:
+        session.get(f"{target.url}/job")
+    (call,) = calls(langfuse_capture)
+    assert call["parent_span_id"] is None
+    assert target.received[1]["traceparent"].split("-")[1] == call["trace_id"]
+
+
+def test_a_sampled_out_request_passes_its_decision_on(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    with in_request(sample_rate=0.0, lazy=True, x_request_id="req-9"), TracedSession() as s:
+        s.get(f"{target.url}/ok")
+    sent = target.received[0]
+    assert sent["traceparent"].endswith("-00") and sent["x-request-id"] == "req-9"
+    assert langfuse_capture.spans() == []
+
+
+def test_an_adapter_mounted_on_a_plain_session_and_a_pickled_session(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    session = requests.Session()
+    session.mount(target.url, TracingAdapter(propagate_to=[target.url], max_retries=2))
+    copy = pickle.loads(pickle.dumps(session))
+    adapter = copy.get_adapter(target.url)
+    assert isinstance(adapter, TracingAdapter) and adapter.max_retries.total == 2
+    with in_request(x_user_id="u-3"):
+        session.get(f"{target.url}/a")
+        copy.get(f"{target.url}/b")
+    for sent in target.received:
+        assert "langfuse_user_id=u-3" in sent["baggage"]
+    assert {span["name"] for span in calls(langfuse_capture)} == {
+        "GET 127.0.0.1/a", "GET 127.0.0.1/b",
+    }  # fmt: skip
