@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from opentelemetry.sdk.resources import Resource
@@ -94,12 +95,20 @@ class SpanRecord:
         )
 
 
-def exception_attributes(exc: BaseException) -> dict[str, str]:
-    """The OTel ``exception`` event's attributes (Langfuse ignores it; other consumers read it)."""
+def exception_attributes(
+    exc: BaseException, clean: Callable[[str], str] | None = None
+) -> dict[str, str]:
+    """The OTel ``exception`` event's attributes (Langfuse ignores it; other consumers read it).
+
+    ``clean`` rewrites the message and the stack trace before they are cut to size.
+    """
+    message = str(exc)
     stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if clean is not None:
+        message, stack = clean(message), clean(stack)
     return {
         "exception.type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "exception.message": truncate(str(exc), MAX_MESSAGE),
+        "exception.message": truncate(message, MAX_MESSAGE),
         "exception.stacktrace": truncate(stack, MAX_STACKTRACE),
         "exception.escaped": "True",
     }

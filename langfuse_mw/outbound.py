@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -43,13 +43,16 @@ from .core import (
     CTX_SESSION,
     CTX_USER,
 )
-from .headers import compile_redactor, redact_query, truncate
+from .headers import REDACTED, compile_redactor, redact_query, truncate
 
 __all__ = ["OutboundCall", "Policy", "Targets", "begin_call"]
 
 INTERNAL = "internal"
 INTERNAL_SUFFIXES = (".internal", ".local", ".svc.cluster.local", ".localhost")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# Secret query values shorter than this are hidden only as part of the whole query: replacing
+# "1" everywhere in a stack trace would hide nothing and garble the rest.
+_MIN_HIDDEN = 6
 _tracecontext = TraceContextTextMapPropagator()
 _baggage = W3CBaggagePropagator()
 _ids = RandomIdGenerator()
@@ -118,16 +121,38 @@ def _origin(url: str) -> tuple[str, str, int]:
     return scheme, host, parts.port or _DEFAULT_PORTS.get(scheme, 0)
 
 
-def _shown_url(url: str, redact: Any) -> str:
-    """The URL as exported: credentials replaced (OpenTelemetry's ``url.full`` rule), query
-    secrets redacted, no fragment (never sent over HTTP, and OAuth puts tokens there)."""
+def _shown_url(url: str, redact: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The URL as exported, and what of the raw URL must not appear in exported errors.
+
+    Credentials are replaced (OpenTelemetry's ``url.full`` rule), query secrets redacted, and
+    the fragment left out (never sent over HTTP, and OAuth puts tokens there). The pairs
+    (raw, replacement) clean error messages that quote the URL (requests' do).
+    """
     parts = urlsplit(url)
     netloc = parts.netloc
+    hidden: list[tuple[str, str]] = []
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
-        netloc = ("REDACTED:REDACTED@" if ":" in userinfo else "REDACTED@") + hostport
+        masked = "REDACTED:REDACTED" if ":" in userinfo else "REDACTED"
+        hidden.append((userinfo + "@", masked + "@"))
+        netloc = f"{masked}@{hostport}"
     base = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    return f"{base}?{redact_query(parts.query, redact)}" if parts.query else base
+    if not parts.query:
+        return base, tuple(hidden)
+    query = redact_query(parts.query, redact)
+    if redact is not None and query != parts.query:
+        hidden.append((parts.query, query))
+        for part in parts.query.split("&"):  # the secrets alone, wherever else they show
+            key, _, value = part.partition("=")
+            if len(value) >= _MIN_HIDDEN and redact.search(unquote_plus(key)):
+                hidden.append((value, REDACTED))
+    return f"{base}?{query}", tuple(hidden)
+
+
+def _hide(text: str, hidden: tuple[tuple[str, str], ...]) -> str:
+    for raw, replacement in hidden:
+        text = text.replace(raw, replacement)
+    return text
 
 
 def _ip(host: str) -> Any:
@@ -148,7 +173,8 @@ class OutboundCall(SpanRecord):
 
     KIND = SpanKind.CLIENT
     __slots__ = (
-        "end_ns", "ended", "error", "error_event", "host", "method", "parent", "request_id",
+        "end_ns", "ended", "error", "error_event", "hidden", "host", "method", "parent",
+        "request_id",
         "resource", "rt", "scope", "session_id", "span_context", "start_ns", "status", "url",
         "user_id",
     )  # fmt: skip
@@ -169,6 +195,7 @@ class OutboundCall(SpanRecord):
         self.error: str | None = None
         self.error_event: dict[str, str] | None = None
         self.ended = False
+        self.hidden: tuple[tuple[str, str], ...] = ()
         self.start_ns = time.time_ns()
         self.end_ns = 0
 
@@ -181,8 +208,12 @@ class OutboundCall(SpanRecord):
             self.end_ns = time.time_ns()
             self.status = status
             if exc is not None:
-                self.error = truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
-                self.error_event = exception_attributes(exc)
+                # Errors may quote the URL: its secrets are taken out before they are cut.
+                hidden = self.hidden
+                clean = (lambda text: _hide(text, hidden)) if hidden else None
+                message = f"{type(exc).__name__}: {exc}"
+                self.error = truncate(clean(message) if clean else message, MAX_MESSAGE)
+                self.error_event = exception_attributes(exc, clean)
             if self.span_context.trace_flags.sampled:  # a sampled-out request's calls are not
                 self.rt.emit(self)
         except Exception as error:
@@ -279,9 +310,9 @@ def begin_call(
         request_id = request.request_id
         user_id = user_id if user_id is not None else request.user_id
         session_id = session_id if session_id is not None else request.session_id
-    call = OutboundCall(
-        rt, parent, method, _shown_url(url, redact), host, user_id, session_id, request_id
-    )
+    shown, hidden = _shown_url(url, redact)
+    call = OutboundCall(rt, parent, method, shown, host, user_id, session_id, request_id)
+    call.hidden = hidden
 
     headers: dict[str, str] = {}
     if "traceparent" not in present:

@@ -311,6 +311,28 @@ async def test_errors_are_recorded_and_reraised_unchanged(
     assert (failed["level"], failed["status_message"]) == ("ERROR", "HTTP 503")
 
 
+async def test_an_error_that_quotes_the_url_is_exported_without_its_secrets(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"cannot reach {request.url}")
+
+    transport = httpx.MockTransport(refuse)
+    with (
+        in_request(),
+        TracedClient(transport=transport) as client,
+        pytest.raises(httpx.ConnectError),
+    ):
+        client.get("http://bob:pa55word@inventory/x?api_key=k-SECRET-9&code=7&page=2")
+    call = langfuse_capture.single(name="GET inventory/x")
+    assert call["status_message"] == (
+        "ConnectError: cannot reach "
+        "http://REDACTED:REDACTED@inventory/x?api_key=[REDACTED]&code=[REDACTED]&page=2"
+    )
+    exported = b"".join(langfuse_capture.sender.requests)
+    assert b"k-SECRET-9" not in exported and b"pa55word" not in exported
+
+
 async def test_outside_a_request_nothing_is_started_unless_asked(
     langfuse_capture: LangfuseCapture, get: Any
 ) -> None:

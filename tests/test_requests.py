@@ -248,6 +248,24 @@ def test_errors_are_recorded_and_reraised_unchanged(
     assert broken["level"] == "ERROR" and "IncompleteRead" in broken["status_message"]
 
 
+def test_a_failed_calls_error_never_carries_the_urls_secrets(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # requests names the URL in its errors ("Max retries exceeded with url: /x?token=...").
+    closed = Target()
+    closed.close()
+    url = closed.url.replace("http://", "http://alice:pa55word@")
+    with in_request(), TracedSession() as session, pytest.raises(requests.ConnectionError) as info:
+        session.get(f"{url}/x?token=tok-SECRET-123&page=2")
+    assert "tok-SECRET-123" in str(info.value)  # the application's exception is untouched
+    (call,) = calls(langfuse_capture)
+    assert "token=[REDACTED]&page=2" in call["status_message"]
+    (event,) = call["events"]
+    assert "token=[REDACTED]&page=2" in event["attributes"]["exception.stacktrace"]
+    exported = b"".join(langfuse_capture.sender.requests)
+    assert b"tok-SECRET-123" not in exported and b"pa55word" not in exported
+
+
 def test_calls_to_langfuse_itself_are_left_alone(langfuse_capture: LangfuseCapture) -> None:
     # The capture runtime's base_url is http://127.0.0.1:9 (nothing listens there).
     with (
