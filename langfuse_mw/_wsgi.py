@@ -188,8 +188,13 @@ class ResponseBody:
         self.finish()
 
     def fail(self, exc: BaseException) -> None:
+        obs = self.obs
+        if self.exhausted and obs.ended and not obs.disconnected:
+            # The body was complete: a close callback failed (Flask's call_on_close).
+            obs.record_late_exception(exc)
+            return
         self.failed = True
-        self.obs.record_exception(exc)
+        obs.record_exception(exc)
         self.finish()
 
     def finish(self) -> None:

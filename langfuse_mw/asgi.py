@@ -62,9 +62,13 @@ class LangfuseMiddleware:
         try:
             await self.app(scope, exchange.receive, exchange.send)
         except Exception as exc:
-            obs.record_exception(exc)
-            if exchange.echo is not None and obs.status is None:
-                _echo_on_server_error(self, scope, exchange.echo)
+            if exchange._completed_ns and obs.ended and not obs.disconnected:
+                # After the last byte: a BackgroundTask (the client has its response).
+                obs.record_late_exception(exc, exchange._route)
+            else:
+                obs.record_exception(exc)
+                if exchange.echo is not None and obs.status is None:
+                    _echo_on_server_error(self, scope, exchange.echo)
             raise
         except asyncio.CancelledError:
             obs.mark_disconnected()  # servers cancel the app when the client goes away

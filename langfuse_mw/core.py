@@ -357,6 +357,7 @@ class RequestState:
     error: str | None = None
     bytes_sent = 0
     first_byte_ns = 0
+    end_ns = 0
     disconnected = False
     ended = False
     otel_context: otel_context.Context | None = None
@@ -393,6 +394,28 @@ class RequestState:
 
     def end(self, end_ns: int | None = None, route: Callable[[], str | None] | None = None) -> None:
         """End the request (once; never raises): ``end_ns`` is when its last byte left."""
+        raise NotImplementedError
+
+    def record_late_exception(
+        self, exc: BaseException, route: Callable[[], str | None] | None = None
+    ) -> None:
+        """The app failed after its response was complete (a BackgroundTask, a close callback).
+
+        Exported as an ERROR child observation, ``after response``, of the request's; the
+        request's own is exported too if sampling had dropped it. Never raises.
+        """
+        try:
+            root = self._exported_root(route)
+            queue = root.rt.queue if root is not None else None
+            if root is not None and queue is not None:
+                record = AfterResponse(root, exc)
+                queue.emit(record, record.approx_size(), True)
+        except Exception as error:
+            _failsafe.report("late_exception", error)
+
+    def _exported_root(self, route: Callable[[], str | None] | None) -> Observation | None:
+        # The request's ended observation, exported (now, if it had been dropped); None while
+        # the request is still on (its exception is then the request's own).
         raise NotImplementedError
 
     def request_context(self) -> RequestContext:
@@ -465,7 +488,7 @@ class SampledOut(RequestState):
             return
         self.ended = True
         try:
-            end_ns = end_ns or _time_ns()
+            end_ns = self.end_ns = end_ns or _time_ns()
             if self._kept_by(end_ns) is None:
                 self.exception = None  # let go of the traceback
                 return
@@ -478,15 +501,23 @@ class SampledOut(RequestState):
         except Exception as exc:
             _failsafe.report("end", exc)
 
+    def _exported_root(self, route: Callable[[], str | None] | None) -> Observation | None:
+        if not self.ended:
+            return None
+        obs = self._promoted()
+        if not obs.ended:  # dropped at its end: it becomes the observation it would have been
+            obs.route, obs.status = self.route, self.status
+            obs.bytes_sent, obs.first_byte_ns = self.bytes_sent, self.first_byte_ns
+            obs.disconnected, obs.end_ns, obs.ended = self.disconnected, self.end_ns, True
+        return obs._exported_root(route)
+
     def _promoted(self) -> Observation:
         obs = self._observation
         if obs is None:
             info = self.make_info()
             tracer = self.tracer
             incoming, span = self.incoming, self.span_context
-            obs = Observation(
-                tracer, self.rt, info, self.request_id, span, incoming.parent, False
-            )
+            obs = Observation(tracer, self.rt, info, self.request_id, span, incoming.parent, False)
             obs.start_ns = self.start_ns
             obs.otel_context = self.otel_context
             if incoming.parent is not None:
@@ -513,7 +544,6 @@ class Observation(RequestState, SpanRecord):
     linked: SpanContext | None = None
     kept_by: str | None = None
     claimed = False
-    end_ns = 0
     # (incoming context, peer trusted) while user and session are still to be read.
     pending: tuple[Incoming, bool] | None = None
     _request_context: RequestContext | None = None
@@ -600,6 +630,23 @@ class Observation(RequestState, SpanRecord):
                 queue.emit(self, self.approx_size(), error)
         except Exception as exc:
             _failsafe.report("end", exc)
+
+    def _exported_root(self, route: Callable[[], str | None] | None) -> Observation | None:
+        if not self.ended:
+            return None
+        if self.sampled or self.kept_by is not None:
+            return self  # exported when it ended
+        # Dropped when it ended: exported now, for the failure that came after its response.
+        self.kept_by = "error"
+        self._identities()
+        if route is not None and self.route is None:
+            self._name_route(route)
+        self._release()
+        rt = self.rt
+        self.resource, self.scope = rt.resource, rt.scope
+        if rt.queue is not None:
+            rt.queue.emit(self, self.approx_size(), True)
+        return self
 
     def _name_route(self, route: Callable[[], str | None]) -> None:
         try:
@@ -694,3 +741,42 @@ class Observation(RequestState, SpanRecord):
         if level == "ERROR":
             return name, attrs, StatusCode.ERROR.value, message
         return name, attrs, StatusCode.UNSET.value, None
+
+
+class AfterResponse(SpanRecord):
+    """Work the app did after its response was complete, that failed: a child of the request's
+    observation named ``after response``, ERROR, with the exception (``record_late_exception``).
+    """
+
+    __slots__ = (
+        "end_ns", "error", "error_event", "parent", "resource", "root", "scope", "span_context",
+        "start_ns",
+    )  # fmt: skip
+
+    def __init__(self, root: Observation, exc: BaseException) -> None:
+        self.root, self.resource, self.scope = root, root.resource, root.scope
+        self.parent = span = root.span_context
+        self.span_context = _span_context(
+            span.trace_id, _getrandbits(64) or 1, span.trace_flags.sampled, span.trace_state
+        )
+        self.start_ns = root.end_ns or root.start_ns  # the response's last byte
+        self.end_ns = _time_ns()
+        self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
+        self.error_event = exception_attributes(exc)
+
+    def fields(self) -> tuple[str, dict[str, Any], int, str | None]:
+        """Name, attributes, OTel status code and message of the exported span."""
+        root = self.root
+        attrs: dict[str, Any] = {
+            A_TYPE: "span",
+            A_LEVEL: "ERROR",
+            A_STATUS_MESSAGE: self.error,
+            A_META + "requestId": encode_basestring(root.request_id),
+        }
+        if root.user_id is not None:
+            attrs[A_USER] = root.user_id
+        if root.session_id is not None:
+            attrs[A_SESSION] = root.session_id
+        if root.rt.environment:
+            attrs[A_ENVIRONMENT] = root.rt.environment
+        return "after response", attrs, StatusCode.ERROR.value, self.error

@@ -274,6 +274,49 @@ async def test_starlettes_500_echo_follows_the_request(
         assert root["level"] == "ERROR"
 
 
+@framework
+@pytest.mark.parametrize("sample_rate", [1.0, 0.0])
+async def test_a_background_task_that_fails_is_an_error_after_the_response(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str,
+    sample_rate: float,
+) -> None:  # fmt: skip
+    # The client got its 200; the task that ran after it failed. The request's observation
+    # stays what the client saw, the failure is its child (and a request sampling dropped is
+    # exported for it: errors are always kept).
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse
+
+    async def after() -> None:
+        await asyncio.sleep(0.05)
+        apps.llm_call("summary")  # still nests under the request
+        raise RuntimeError("could not save the conversation")
+
+    async def handler(request: Any) -> Any:
+        return PlainTextResponse("ok", background=BackgroundTask(after))
+
+    app = apps.build(framework)
+    app.router.routes.insert(0, apps.Route("/bg", handler))
+    app.add_middleware(LangfuseMiddleware, sample_rate=sample_rate)
+    response = await make_client(app).get("/bg", headers={"x-request-id": "req-bg"})
+    assert (response.status_code, response.text) == (200, "ok")
+    root = langfuse_capture.single(name="GET /bg")
+    late = langfuse_capture.single(name="after response")
+    assert root["output"] == {"statusCode": 200}
+    assert root.get("level", "DEFAULT") == "DEFAULT"
+    assert root["metadata"].get("keptBy") == (None if sample_rate else "error")
+    assert (late["parent_span_id"], late["trace_id"]) == (root["span_id"], root["trace_id"])
+    assert late["level"] == "ERROR"
+    assert late["status_message"] == "RuntimeError: could not save the conversation"
+    assert late["metadata"] == {"requestId": "req-bg"}
+    (event,) = late["events"]
+    assert event["attributes"]["exception.type"] == "builtins.RuntimeError"
+    # From the response's last byte to the failure: the task's 50 ms, not the request's.
+    assert late["start_time_unix_nano"] == root["end_time_unix_nano"]
+    assert late["end_time_unix_nano"] - late["start_time_unix_nano"] >= 50_000_000
+    if sample_rate:
+        assert langfuse_capture.single(name="llm")["parent_span_id"] == root["span_id"]
+
+
 @pytest.mark.parametrize(("code", "level", "options"), LEVEL_CASES)
 async def test_level_follows_the_status_code(
     langfuse_capture: LangfuseCapture,

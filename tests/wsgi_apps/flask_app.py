@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 from flask import Flask, Response, request, send_file, stream_with_context
@@ -57,6 +58,17 @@ def build() -> Flask:
     @app.get("/file")
     def file() -> Any:
         return send_file(io.BytesIO(b"file body " * 100), mimetype="text/plain")
+
+    @app.get("/late")
+    def late() -> Any:
+        response = Response("ok", mimetype="text/plain")
+
+        @response.call_on_close
+        def save() -> None:  # runs once the server has sent the response
+            time.sleep(0.05)
+            raise RuntimeError("could not save the conversation")
+
+        return response
 
     @app.post("/only-post")
     def only_post() -> Any:

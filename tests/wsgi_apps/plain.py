@@ -85,6 +85,18 @@ def _file(env: dict[str, Any], args: dict[str, str]) -> Any:
     return 200, [*TEXT, ("Content-Length", str(len(data)))], wrapper(io.BytesIO(data))
 
 
+class _SavedAfterwards(list[bytes]):
+    """A body whose close() does more work once the server has sent it, and fails."""
+
+    def close(self) -> None:
+        time.sleep(0.05)
+        raise RuntimeError("could not save the conversation")
+
+
+def _late(env: dict[str, Any], args: dict[str, str]) -> Any:
+    return 200, TEXT, _SavedAfterwards([b"ok"])
+
+
 ROUTES: list[tuple[str, str, Handler]] = [
     (r"/items/(?P<item_id>\d+)", "/items/{item_id}", _item),
     (r"/boom", "/boom", _boom),
@@ -97,6 +109,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     (r"/hello", "/hello", _hello),
     (r"/health", "/health", _hello),
     (r"/file", "/file", _file),
+    (r"/late", "/late", _late),
 ]
 _COMPILED = [(re.compile(pattern), template, handler) for pattern, template, handler in ROUTES]
 

@@ -1,0 +1,36 @@
+"""Work a WSGI app does after its response was sent, that fails (plain WSGI, Flask).
+
+The ASGI twin (a Starlette BackgroundTask) is in test_asgi.py. Django runs its response's
+closers and ``request_finished`` receivers after the middleware's part has ended, swallowing
+the closers' errors, so it has no such shape to report.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from langfuse_mw.testing import LangfuseCapture
+from tests.wsgi_apps.adapters import ADAPTERS, Adapter
+
+WSGI_ADAPTERS = [adapter for adapter in ADAPTERS if adapter.name in ("wsgi", "flask")]
+
+
+@pytest.mark.parametrize("adapter", WSGI_ADAPTERS, ids=str)
+@pytest.mark.parametrize("sample_rate", [1.0, 0.0])
+def test_a_close_callback_that_fails_is_an_error_after_the_response(
+    langfuse_capture: LangfuseCapture, adapter: Adapter, sample_rate: float
+) -> None:
+    call = adapter.build(True, {"sample_rate": sample_rate})
+    result = call("/late", headers=[(b"x-request-id", b"req-late")])
+    assert (result.status, result.body) == (200, b"ok")
+    assert isinstance(result.exception, RuntimeError)  # the server still hears of it
+    root = langfuse_capture.single(name="GET /late")
+    late = langfuse_capture.single(name="after response")
+    assert root["output"] == {"statusCode": 200}
+    assert root.get("level", "DEFAULT") == "DEFAULT"
+    assert root["metadata"].get("keptBy") == (None if sample_rate else "error")
+    assert (late["parent_span_id"], late["trace_id"]) == (root["span_id"], root["trace_id"])
+    assert (late["level"], late["metadata"]) == ("ERROR", {"requestId": "req-late"})
+    assert late["status_message"] == "RuntimeError: could not save the conversation"
+    assert late["start_time_unix_nano"] == root["end_time_unix_nano"]
+    assert late["end_time_unix_nano"] - late["start_time_unix_nano"] >= 50_000_000
