@@ -137,6 +137,10 @@ class ResponseBody:
         return chunk
 
     def close(self) -> None:
+        if not (self.exhausted or self.failed or self.obs.ended):
+            # Servers close early when writing failed: the client went away (decided before
+            # the app's close runs: a failure there is then not one after the response).
+            self.obs.mark_disconnected()
         try:
             if self.inner_close is not None:
                 self.run(self.inner_close)
@@ -145,9 +149,6 @@ class ResponseBody:
             raise
         finally:
             if not self.obs.ended:
-                if not (self.exhausted or self.failed):
-                    # Servers close early when writing failed: the client went away.
-                    self.obs.mark_disconnected()
                 self.finish()
 
     def __del__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sys
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from .core import RequestInfo, RequestState, RequestTracer
 __all__ = ["LangfuseMiddleware"]
 
 _time_ns = time.time_ns
+_exc_info = sys.exc_info
 
 
 class LangfuseMiddleware:
@@ -62,12 +64,21 @@ class LangfuseMiddleware:
         try:
             await self.app(scope, exchange.receive, exchange.send)
         except Exception as exc:
-            if exchange._completed_ns and obs.ended and not obs.disconnected:
+            if exc is exchange._answering:
+                # An error handler inside us answered it, then it was re-raised (Starlette's
+                # ServerErrorMiddleware does): an error if the answer was one.
+                if (obs.status or 500) >= 500:
+                    obs.record_exception(exc)
+            elif exchange._completed_ns and obs.ended:
                 # After the last byte: a BackgroundTask (the client has its response).
                 obs.record_late_exception(exc, exchange._route)
             else:
+                if kind == "http" and not obs.first_byte_ns:
+                    # The start we saw never got a body: buffered by a middleware outside
+                    # (GZip) or dropped by the server. The client gets the 500 answering it.
+                    obs.status = None
                 obs.record_exception(exc)
-                if exchange.echo is not None and obs.status is None:
+                if exchange.echo is not None:
                     _echo_on_server_error(self, scope, exchange.echo)
             raise
         except asyncio.CancelledError:
@@ -137,6 +148,8 @@ class _Exchange:
     _inbox: asyncio.Queue[Message] | None = None
     _pump: asyncio.Task[None] | None = None
     _disconnect: Message | None = None
+    # The exception being handled when the response started: the response answers it.
+    _answering: BaseException | None = None
 
     def __init__(self, mw: LangfuseMiddleware, obs: RequestState, scope: Scope,
                  receive: Receive, send: Send) -> None:  # fmt: skip
@@ -163,7 +176,8 @@ class _Exchange:
         self.finish()
 
     def disconnected(self) -> None:
-        if not self.obs.ended:
+        # After the last byte a client that leaves is done, not gone early.
+        if not self.obs.ended and not self._completed_ns:
             self.obs.mark_disconnected()
             self.finish()
 
@@ -179,6 +193,9 @@ class _Exchange:
                     self._start_pump()
             elif kind == "http.response.start" or kind == "websocket.http.response.start":
                 obs.set_status(message["status"])
+                answering = _exc_info()[1]  # sent from an except block: an error handler's
+                if answering is not None:
+                    self._answering = answering
                 if self.echo is not None:
                     message = _with_header(message, self.echo)
             elif kind == "http.response.pathsend":
@@ -199,9 +216,9 @@ class _Exchange:
             raise
         if last:
             self._completed_ns = _time_ns()
-            # A 5xx may be Starlette's answer to an exception that reaches us right after:
-            # end when the app returns (with this time) so the exception is recorded too.
-            if (obs.status or 0) < 500:
+            # An error handler's answer is followed by its exception (Starlette re-raises
+            # it): end when the app returns, with this time, so that it is recorded too.
+            if self._answering is None:
                 self.finish()
 
     async def receive(self) -> Message:
@@ -321,12 +338,16 @@ def _echoing_async(build: Any) -> Any:
 
 
 def _is_async_callable(obj: Any) -> bool:
-    # Starlette's own test (starlette._utils.is_async_callable), which is private.
-    while isinstance(obj, functools.partial):
-        obj = obj.func
-    return inspect.iscoroutinefunction(obj) or (
-        callable(obj) and inspect.iscoroutinefunction(obj.__call__)
-    )
+    # Starlette's own test, so the handler is awaited or run in the threadpool exactly as
+    # Starlette would (before Python 3.13 it also honours asyncio's coroutine marker).
+    try:
+        from starlette._utils import is_async_callable
+    except ImportError:  # a Starlette that moved it: the same test, as documented
+        while isinstance(obj, functools.partial):
+            obj = obj.func
+        check = inspect.iscoroutinefunction
+        return check(obj) or (callable(obj) and check(obj.__call__))
+    return bool(is_async_callable(obj))
 
 
 class _EchoingResponse:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 try:
     import requests
     from requests.adapters import HTTPAdapter
-    from urllib3.exceptions import HTTPError as _Urllib3Error
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise ImportError(
         'langfuse_mw.requests needs requests: pip install "langfuse-mw[requests]"'
@@ -20,12 +18,6 @@ from ._failsafe import report
 from .outbound import OutboundCall, Policy
 
 __all__ = ["TracedSession", "TracingAdapter"]
-
-# The headers this thread added to its last call. requests follows a redirect by copying the
-# previous hop's request, headers included: a request that carries all of them unchanged (a
-# fresh traceparent among them) is that copy, and they are taken back so the next hop's target
-# is judged afresh and gets its own traceparent.
-_last_sent = threading.local()
 
 
 class TracingAdapter(HTTPAdapter):
@@ -66,32 +58,37 @@ class TracingAdapter(HTTPAdapter):
         proxies: dict[str, str] | None = None,
     ) -> requests.Response:
         """Send ``request`` with the call's headers; its observation ends with the body."""
-        call = self._prepare(request)
+        sent, call = self._prepare(request)
         if call is None:
             return super().send(request, stream, timeout, verify, cert, proxies)
         try:
-            response = super().send(request, stream, timeout, verify, cert, proxies)
+            response = super().send(sent, stream, timeout, verify, cert, proxies)
         except BaseException as exc:
-            call.finish(exc=exc if isinstance(exc, Exception) else None)
+            call.finish(exc=exc)
+            if isinstance(exc, requests.RequestException) and exc.request is sent:
+                exc.request = request
             raise
+        # What the session sees is its own request: redirects and auth retries copy it, and
+        # each copy is judged afresh when it is sent (our headers never travel with it).
+        response.request = request
         _end_with_body(response, call)
         return response
 
-    def _prepare(self, request: requests.PreparedRequest) -> OutboundCall | None:
+    def _prepare(
+        self, request: requests.PreparedRequest
+    ) -> tuple[requests.PreparedRequest, OutboundCall | None]:
+        # The request as sent: a copy with the call's headers (the app's is left as it was).
         try:
-            headers = request.headers
-            last: dict[str, str] = getattr(_last_sent, "headers", {})
-            if last and all(headers.get(name) == value for name, value in last.items()):
-                for name in last:  # a copy of our last request: the next hop of a redirect
-                    del headers[name]
-            present = {name.lower() for name in headers}
+            present = {name.lower() for name in request.headers}
             call, added = self._policy.begin(request.method or "GET", request.url or "", present)
-            headers.update(added)
-            _last_sent.headers = added
-            return call
+            if call is None:
+                return request, None
+            sent = request.copy()
+            sent.headers.update(added)
+            return sent, call
         except Exception as exc:
             report("requests.request", exc)
-            return None
+            return request, None
 
 
 class TracedSession(requests.Session):
@@ -115,31 +112,63 @@ class TracedSession(requests.Session):
 
 
 def _end_with_body(response: requests.Response, call: OutboundCall) -> None:
-    # The call ends when its body is done: urllib3 gives the connection back once the body is
-    # read to the end (Session.send reads it unless stream=True) or when it is closed. A read
-    # that fails releases the connection while its error is on its way out: recorded.
-    status = response.status_code
+    # The call ends when urllib3 gives the connection back: the body was read to the end
+    # (Session.send reads it unless stream=True) or closed. A body dropped unread ends it
+    # when it is freed.
     raw = response.raw
-    release, close = getattr(raw, "release_conn", None), getattr(raw, "close", None)
-    if release is None or close is None:
-        call.finish(status)
+    kind = type(raw)
+    if not all(hasattr(kind, name) for name in ("read", "release_conn", "close")):
+        call.finish(response.status_code)
         return
-
-    def release_conn() -> None:
-        try:
-            release()
-        finally:
-            failure = sys.exc_info()[1]
-            broken = isinstance(failure, _Urllib3Error | OSError)
-            call.finish(status, failure if broken else None)
-
-    def close_raw() -> None:
-        try:
-            close()
-        finally:
-            call.finish(status)
-
+    watch = _BodyWatch(call, response.status_code, raw)
     try:
-        raw.release_conn, raw.close = release_conn, close_raw
-    except AttributeError:  # a raw object that does not take attributes
-        call.finish(status)
+        raw.read, raw.release_conn, raw.close = watch.read, watch.release_conn, watch.close
+        weakref.finalize(raw, call.finish, response.status_code).atexit = False
+    except (AttributeError, TypeError):  # a raw body that takes no attributes or weakrefs
+        call.finish(response.status_code)
+
+
+class _BodyWatch:
+    """Stands in for the urllib3 response's ``read``, ``release_conn`` and ``close``.
+
+    urllib3 gives the connection back from inside ``read`` when the body ends, and also when
+    reading it failed, before the error reaches the caller: inside a read, the end waits for
+    the read's outcome. Holds the response weakly: no cycle keeps an unread body alive.
+    """
+
+    __slots__ = ("call", "raw", "reading", "released", "status")
+
+    def __init__(self, call: OutboundCall, status: int, raw: Any) -> None:
+        self.call, self.status, self.raw = call, status, weakref.ref(raw)
+        self.reading = 0
+        self.released = False
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        raw: Any = self.raw()
+        self.reading += 1
+        try:
+            data = type(raw).read(raw, *args, **kwargs)
+        except BaseException as exc:
+            self.reading -= 1
+            self.call.finish(self.status, exc)  # the body failed (a timeout, a reset, gzip)
+            raise
+        self.reading -= 1
+        if self.released and not self.reading:
+            self.call.finish(self.status)
+        return data
+
+    def release_conn(self) -> None:
+        raw: Any = self.raw()
+        try:
+            type(raw).release_conn(raw)
+        finally:
+            self.released = True
+            if not self.reading:
+                self.call.finish(self.status)
+
+    def close(self) -> None:
+        raw: Any = self.raw()
+        try:
+            type(raw).close(raw)
+        finally:
+            self.call.finish(self.status)

@@ -34,3 +34,19 @@ def test_a_close_callback_that_fails_is_an_error_after_the_response(
     assert late["status_message"] == "RuntimeError: could not save the conversation"
     assert late["start_time_unix_nano"] == root["end_time_unix_nano"]
     assert late["end_time_unix_nano"] - late["start_time_unix_nano"] >= 50_000_000
+
+
+@pytest.mark.parametrize("adapter", WSGI_ADAPTERS, ids=str)
+def test_a_close_that_fails_after_a_disconnect_is_the_requests_error(
+    langfuse_capture: LangfuseCapture, adapter: Adapter
+) -> None:
+    # The server stopped after one chunk (the client left): the failing close belongs to a
+    # request that never completed, so it is that request's error, and still a disconnect.
+    result = adapter.build(True, {})("/late", disconnect_after_chunks=1)
+    assert isinstance(result.exception, RuntimeError)
+    root = langfuse_capture.single(name="GET /late")
+    assert langfuse_capture.spans(name="after response") == []
+    assert root["metadata"]["disconnected"] is True
+    assert (root["level"], root["status_message"]) == (
+        "ERROR", "RuntimeError: could not save the conversation",
+    )  # fmt: skip

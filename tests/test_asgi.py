@@ -317,6 +317,131 @@ async def test_a_background_task_that_fails_is_an_error_after_the_response(
         assert langfuse_capture.single(name="llm")["parent_span_id"] == root["span_id"]
 
 
+async def test_a_500_handler_starlette_treats_as_async_is_still_awaited(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # Before Python 3.13 Starlette also takes asyncio's coroutine marker (asgiref's
+    # markcoroutinefunction, Cython): wrapping must keep the handler awaited, not threaded.
+    from asgiref.sync import markcoroutinefunction
+    from starlette.responses import JSONResponse
+
+    async def answer(request: Any, exc: Exception) -> Any:
+        return JSONResponse({"error": "custom"}, status_code=500)
+
+    def handler(request: Any, exc: Exception) -> Any:
+        return answer(request, exc)
+
+    markcoroutinefunction(handler)
+    results = []
+    for traced in (False, True):
+        app = apps.starlette_app()
+        app.add_exception_handler(Exception, handler)
+        if traced:
+            app.add_middleware(LangfuseMiddleware)
+        results.append(await call(app, "/boom", headers=[(b"x-request-id", b"req-m")]))
+    plain, traced_result = results
+    assert (traced_result.status, traced_result.body) == (plain.status, plain.body)
+    assert (plain.status, plain.body) == (500, b'{"error":"custom"}')
+    assert traced_result.header(b"x-request-id") == b"req-m"
+    assert type(traced_result.exception) is type(plain.exception) is RuntimeError
+
+
+@pytest.mark.parametrize("shape", ["wrap", "mounted app"])
+@pytest.mark.parametrize("status", [400, 503])
+async def test_an_exception_an_inner_handler_answered_belongs_to_the_request(
+    langfuse_capture: LangfuseCapture, shape: str, status: int
+) -> None:
+    # A ServerErrorMiddleware inside ours (we wrap the app, or the app is mounted) answers
+    # and then re-raises: the exception is the request's, never "after response"; an error
+    # only if the answer is one (as when a Flask error handler answers).
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount
+
+    async def answer(request: Any, exc: Exception) -> Any:
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    inner = Starlette(routes=list(apps.ROUTES), exception_handlers={Exception: answer})
+    if shape == "wrap":
+        app: Any = LangfuseMiddleware(inner)
+        path = "/boom"
+    else:
+        app = Starlette(routes=[Mount("/sub", app=inner)])
+        app.add_middleware(LangfuseMiddleware)
+        path = "/sub/boom"
+    result = await call(app, path)
+    assert (result.status, result.body) == (status, b'{"error":"kaboom"}')
+    assert langfuse_capture.spans(name="after response") == []
+    (root,) = langfuse_capture.spans()
+    assert root["output"] == {"statusCode": status}
+    if status >= 500:
+        assert (root["level"], root["status_message"]) == ("ERROR", "RuntimeError: kaboom")
+    else:
+        assert (root["level"], root["status_message"]) == ("WARNING", "HTTP 400")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_5xx_answer_then_a_failing_background_task(
+    langfuse_capture: LangfuseCapture, streamed: bool
+) -> None:
+    # The 5xx is the app's answer, not an exception's: the request ends at its last byte and
+    # the task's failure comes after it (a client leaving after the last byte is no disconnect).
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse, StreamingResponse
+
+    async def fail() -> None:
+        raise RuntimeError("bg failed")
+
+    async def chunks() -> Any:
+        yield b"unavailable"
+
+    async def handler(request: Any) -> Any:
+        task = BackgroundTask(fail)
+        if streamed:
+            return StreamingResponse(chunks(), status_code=502, background=task)
+        return PlainTextResponse("unavailable", status_code=502, background=task)
+
+    app = apps.starlette_app()
+    app.router.routes.insert(0, apps.Route("/down", handler))
+    app.add_middleware(LangfuseMiddleware)
+    result = await call(app, "/down")
+    assert (result.status, result.body) == (502, b"unavailable")
+    root = langfuse_capture.single(name="GET /down")
+    late = langfuse_capture.single(name="after response")
+    assert (root["level"], root["status_message"]) == ("ERROR", "HTTP 502")
+    assert "disconnected" not in root["metadata"]
+    assert late["parent_span_id"] == root["span_id"]
+    assert late["status_message"] == "RuntimeError: bg failed"
+
+
+async def test_a_stream_failing_before_its_first_chunk_behind_gzip(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # GZipMiddleware (outside ours) holds the start until the first chunk, which never comes:
+    # Starlette's 500 is what the client gets, so that is what is recorded, with the id.
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.responses import StreamingResponse
+
+    async def chunks() -> Any:
+        raise RuntimeError("upstream failed")
+        yield b""  # pragma: no cover
+
+    async def handler(request: Any) -> Any:
+        return StreamingResponse(chunks())
+
+    app = apps.starlette_app()
+    app.router.routes.insert(0, apps.Route("/early", handler))
+    app.add_middleware(LangfuseMiddleware)
+    app.add_middleware(GZipMiddleware)
+    headers = [(b"x-request-id", b"req-gz"), (b"accept-encoding", b"gzip")]
+    result = await call(app, "/early", headers=headers)
+    assert (result.status, result.body) == (500, b"Internal Server Error")
+    assert result.header(b"x-request-id") == b"req-gz"
+    root = langfuse_capture.single(name="GET /early")
+    assert root["output"] == {"statusCode": 500}
+    assert (root["level"], root["status_message"]) == ("ERROR", "RuntimeError: upstream failed")
+
+
 @pytest.mark.parametrize(("code", "level", "options"), LEVEL_CASES)
 async def test_level_follows_the_status_code(
     langfuse_capture: LangfuseCapture,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -42,6 +45,8 @@ class Target:
                     self.answer(int(path.rsplit("/", 1)[1]), b"status")
                 elif path == "/stream":
                     self.stream()
+                elif path == "/bad-gzip":
+                    self.answer(200, b"not gzip at all" * 10, [("Content-Encoding", "gzip")])
                 elif path == "/broken":
                     # Announces 100 bytes, sends 5 and hangs up.
                     self.send_response(200)
@@ -169,7 +174,7 @@ def test_a_streamed_body_closed_early_ends_the_call(
         response.close()
         (call,) = calls(langfuse_capture)
     assert call["output"] == {"statusCode": 200}
-    assert "level" not in call or call["level"] != "ERROR"
+    assert call["level"] == "DEFAULT"
 
 
 def test_a_redirect_is_judged_again_at_each_hop(
@@ -319,3 +324,82 @@ def test_an_adapter_mounted_on_a_plain_session_and_a_pickled_session(
     assert {span["name"] for span in calls(langfuse_capture)} == {
         "GET 127.0.0.1/a", "GET 127.0.0.1/b",
     }  # fmt: skip
+
+
+def test_the_apps_request_is_left_as_it_was(
+    langfuse_capture: LangfuseCapture, target: Target, other: Target
+) -> None:
+    # The headers go on a copy: response.request is the session's own (as without tracing),
+    # so nothing of ours travels with a request the app sends again, redirects by hand, or
+    # hands to an adapter that is not ours.
+    with (
+        in_request(x_request_id="req-1", x_user_id="u-1"),
+        TracedSession(propagate_to=[target.url]) as session,
+    ):
+        first = session.get(f"{target.url}/redirect?to={other.url}/landing", allow_redirects=False)
+        assert "traceparent" not in first.request.headers
+        session.get(f"{target.url}/ok")  # another call in between
+        session.send(first.next, allow_redirects=False)
+    landing = other.received[0]
+    assert "traceparent" in landing and not any(name in landing for name in ID_HEADERS)
+    assert len({sent["traceparent"] for sent in (*target.received, landing)}) == 3
+
+
+def test_a_redirect_to_a_host_served_by_a_plain_adapter_gets_nothing(
+    langfuse_capture: LangfuseCapture, target: Target, other: Target
+) -> None:
+    session = requests.Session()
+    session.mount(target.url, TracingAdapter(propagate_to=[target.url]))
+    with in_request(x_request_id="req-1", x_user_id="u-1"):
+        session.get(f"{target.url}/redirect?to={other.url}/landing")
+    assert "x-request-id" in target.received[0]
+    assert not any(name in other.received[0] for name in ("traceparent", *ID_HEADERS))
+
+
+def test_a_call_made_while_the_app_handles_an_exception_is_not_an_error(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    # The usual fallback: the first service failed, the second one answers.
+    with in_request(), TracedSession() as session:
+        try:
+            raise requests.ConnectionError("primary down")
+        except requests.ConnectionError:
+            assert session.get(f"{target.url}/ok").status_code == 200
+    (call,) = calls(langfuse_capture)
+    assert call["level"] == "DEFAULT" and call["status_message"] is None and not call["events"]
+
+
+def test_a_body_that_does_not_decode_fails_the_call(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    with (
+        in_request(),
+        TracedSession() as session,
+        pytest.raises(requests.exceptions.ContentDecodingError),
+    ):
+        session.get(f"{target.url}/bad-gzip")
+    (call,) = calls(langfuse_capture)
+    assert call["level"] == "ERROR" and "DecodeError" in call["status_message"]
+
+
+def test_a_body_never_read_is_recorded_and_freed_as_without_tracing(
+    langfuse_capture: LangfuseCapture, target: Target
+) -> None:
+    # raise_for_status in a response hook raises before Session.send reads the body; a
+    # streamed response may be dropped unread. The call is recorded once the body is freed,
+    # and the body is freed as soon as it would be without tracing (no cycle, no warning).
+    with in_request(), TracedSession() as session:
+        session.hooks["response"].append(lambda r, *args, **kwargs: r.raise_for_status())
+        with pytest.raises(requests.HTTPError):
+            session.get(f"{target.url}/status/503")
+        response = session.get(f"{target.url}/stream", stream=True)
+        body = weakref.ref(response.raw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del response
+            assert body() is None  # freed by reference counting, not by the collector
+            gc.collect()
+        assert [str(w.message) for w in caught] == []
+        by_name = {call["name"]: call for call in calls(langfuse_capture)}
+    assert by_name["GET 127.0.0.1/status/503"]["output"] == {"statusCode": 503}
+    assert by_name["GET 127.0.0.1/stream"]["output"] == {"statusCode": 200}

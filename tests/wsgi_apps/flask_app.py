@@ -61,7 +61,7 @@ def build() -> Flask:
 
     @app.get("/late")
     def late() -> Any:
-        response = Response("ok", mimetype="text/plain")
+        response = Response(iter([b"o", b"k"]), mimetype="text/plain")  # streamed: 2 chunks
 
         @response.call_on_close
         def save() -> None:  # runs once the server has sent the response

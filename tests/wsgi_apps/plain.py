@@ -94,7 +94,7 @@ class _SavedAfterwards(list[bytes]):
 
 
 def _late(env: dict[str, Any], args: dict[str, str]) -> Any:
-    return 200, TEXT, _SavedAfterwards([b"ok"])
+    return 200, TEXT, _SavedAfterwards([b"o", b"k"])  # two chunks, no Content-Length
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
