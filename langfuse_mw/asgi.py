@@ -73,7 +73,7 @@ class LangfuseMiddleware:
                 # After the last byte: a BackgroundTask (the client has its response).
                 obs.record_late_exception(exc, exchange._route)
             else:
-                if kind == "http" and not obs.first_byte_ns:
+                if kind == "http" and not obs.first_byte_ns and not obs.ended:
                     # The start we saw never got a body: buffered by a middleware outside
                     # (GZip) or dropped by the server. The client gets the 500 answering it.
                     obs.status = None
