@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -15,25 +16,27 @@ from .outbound import OutboundCall, Policy
 
 __all__ = ["AsyncTracedClient", "AsyncTracingTransport", "TracedClient", "TracingTransport"]
 
-# Names of the headers we added to a request, kept in its extensions: httpx copies headers
-# and extensions into a redirect's request, and a hop to another host must be judged afresh.
-_INJECTED = "langfuse_mw.injected"
 
-
-def _prepare(policy: Policy, request: httpx.Request) -> OutboundCall | None:
-    # Add the call's headers to the request (a redirect's request first loses the ones we
-    # added to the previous hop: its target is judged afresh) and start its observation.
+def _prepare(policy: Policy, request: httpx.Request) -> tuple[httpx.Request, OutboundCall | None]:
+    # The request as sent: a copy with the call's headers. The app's own request is left as
+    # it was, so a redirect's next request, an auth flow's retry or the same request sent
+    # again start without ours and are judged afresh (the client hands the app a response
+    # whose .request is its own).
     try:
-        for name in request.extensions.get(_INJECTED, ()):
-            request.headers.pop(name, None)
         present = {name.lower() for name in request.headers}
-        call, headers = policy.begin(request.method, str(request.url), present)
-        request.headers.update(headers)
-        request.extensions = {**request.extensions, _INJECTED: tuple(headers)}
-        return call
+        call, added = policy.begin(request.method, str(request.url), present)
+        if call is None:
+            return request, None
+        headers = request.headers.copy()
+        headers.update(added)
+        sent = httpx.Request(
+            request.method, request.url, headers=headers, stream=request.stream,
+            extensions=request.extensions,
+        )  # fmt: skip
+        return sent, call
     except Exception as exc:
         report("httpx.request", exc)
-        return None
+        return request, None
 
 
 class TracingTransport(httpx.BaseTransport):
@@ -50,13 +53,14 @@ class TracingTransport(httpx.BaseTransport):
         self._policy = Policy(propagate_to, trace_outside_requests)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = _prepare(self._policy, request)
+        """Send ``request`` with the call's headers; its observation ends with the body."""
+        sent, call = _prepare(self._policy, request)
         if call is None:
             return self._transport.handle_request(request)
         try:
-            response = self._transport.handle_request(request)
+            response = self._transport.handle_request(sent)
         except BaseException as exc:
-            call.finish(exc=exc if isinstance(exc, Exception) else None)
+            call.finish(exc=exc)
             raise
         if response.is_closed:  # a body already read in full (mock or cached responses)
             call.finish(response.status_code)
@@ -82,13 +86,14 @@ class AsyncTracingTransport(httpx.AsyncBaseTransport):
         self._policy = Policy(propagate_to, trace_outside_requests)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = _prepare(self._policy, request)
+        """Send ``request`` with the call's headers; its observation ends with the body."""
+        sent, call = _prepare(self._policy, request)
         if call is None:
             return await self._transport.handle_async_request(request)
         try:
-            response = await self._transport.handle_async_request(request)
+            response = await self._transport.handle_async_request(sent)
         except BaseException as exc:
-            call.finish(exc=exc if isinstance(exc, Exception) else None)
+            call.finish(exc=exc)  # a cancelled call (a timeout around it) failed too
             raise
         if response.is_closed:
             call.finish(response.status_code)
@@ -101,14 +106,18 @@ class AsyncTracingTransport(httpx.AsyncBaseTransport):
 
 
 class _SyncStream(httpx.SyncByteStream):
-    # The call ends when its body was read and closed (streamed LLM answers included).
+    # The call ends when its body was read and closed (streamed LLM answers included), or
+    # when a body nobody closed is freed.
     def __init__(self, stream: Any, call: OutboundCall, status: int) -> None:
         self._stream, self._call, self._status = stream, call, status
+        weakref.finalize(self, call.finish, status).atexit = False
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._stream
-        except Exception as exc:
+        except GeneratorExit:  # the reader stopped early: not a failure
+            raise
+        except BaseException as exc:
             self._call.finish(self._status, exc)
             raise
 
@@ -122,12 +131,15 @@ class _SyncStream(httpx.SyncByteStream):
 class _AsyncStream(httpx.AsyncByteStream):
     def __init__(self, stream: Any, call: OutboundCall, status: int) -> None:
         self._stream, self._call, self._status = stream, call, status
+        weakref.finalize(self, call.finish, status).atexit = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._stream:
                 yield chunk
-        except Exception as exc:
+        except GeneratorExit:
+            raise
+        except BaseException as exc:  # a read error, or cancelled mid-body
             self._call.finish(self._status, exc)
             raise
 
@@ -173,8 +185,11 @@ class AsyncTracedClient(httpx.AsyncClient):
 def _wrap_transports(
     client: Any, wrapper: Any, propagate_to: Sequence[str] | None, outside: bool
 ) -> None:
-    # Every transport the client may pick (default, mounts, proxies) gets wrapped.
+    # Every transport the client may pick (default, mounts, proxies) gets wrapped, once: a
+    # transport that already traces would record every call twice.
     def wrap(transport: Any) -> Any:
+        if isinstance(transport, TracingTransport | AsyncTracingTransport):
+            return transport
         return wrapper(transport, propagate_to=propagate_to, trace_outside_requests=outside)
 
     client._transport = wrap(client._transport)

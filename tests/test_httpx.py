@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +13,12 @@ import pytest
 
 from langfuse_mw.config import resolve_settings
 from langfuse_mw.core import RequestInfo, RequestState, RequestTracer, SampledOut
-from langfuse_mw.httpx import AsyncTracedClient, AsyncTracingTransport, TracedClient
+from langfuse_mw.httpx import (
+    AsyncTracedClient,
+    AsyncTracingTransport,
+    TracedClient,
+    TracingTransport,
+)
 from langfuse_mw.testing import LangfuseCapture
 
 pytestmark = pytest.mark.anyio
@@ -382,3 +389,86 @@ async def test_mounted_transports_are_traced_too(langfuse_capture: LangfuseCaptu
     assert "traceparent" in mounted.requests[0].headers
     assert "traceparent" in default.requests[0].headers
     assert {s["name"] for s in langfuse_capture.spans()} >= {"GET special/a", "GET other/b"}
+
+
+async def test_the_apps_request_is_left_as_it_was(
+    langfuse_capture: LangfuseCapture, get: Any
+) -> None:
+    # The headers go on a copy: response.request and the redirect httpx prepares from it
+    # carry nothing of ours, whoever sends them next.
+    recorder = Recorder(redirect_to="https://evil.com/landing")
+    with in_request(x_user_id="u-1", x_request_id="req-1"):
+        response = await get("http://inventory/start", recorder)
+    assert "baggage" in recorder.requests[0].headers
+    for headers in (response.request.headers, response.next_request.headers):
+        assert not any(name in headers for name in ("traceparent", *ID_HEADERS))
+
+
+async def test_an_auth_flows_own_request_id_on_its_retry_is_kept(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    class Challenge(httpx.Auth):
+        def auth_flow(self, request: httpx.Request) -> Any:
+            response = yield request
+            if response.status_code == 401:
+                request.headers["x-request-id"] = "app-chosen"
+                yield request
+
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(401 if len(sent) == 1 else 200)
+
+    transport = httpx.MockTransport(answer)
+    with in_request(x_request_id="req-1"), TracedClient(transport=transport, auth=Challenge()) as c:
+        c.get("http://inventory/x")
+    assert [r.headers["x-request-id"] for r in sent] == ["req-1", "app-chosen"]
+    assert sent[0].headers["traceparent"] != sent[1].headers["traceparent"]
+
+
+async def test_a_response_never_closed_is_recorded_when_freed(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    def stream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=iter([b"a", b"b"]))
+
+    with in_request(), TracedClient(transport=httpx.MockTransport(stream)) as client:
+        response = client.send(client.build_request("GET", "http://llm.internal/s"), stream=True)
+        del response
+        gc.collect()
+        call = langfuse_capture.single(name="GET llm.internal/s")
+    assert call["output"] == {"statusCode": 200}
+
+
+async def test_a_call_cancelled_mid_body_is_recorded_as_failed(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    class Slow(httpx.AsyncByteStream):
+        async def __aiter__(self) -> Any:
+            yield b"a"
+            await asyncio.sleep(10)
+            yield b"b"  # pragma: no cover
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Slow())
+
+    transport = httpx.MockTransport(answer)
+    with in_request():
+        async with AsyncTracedClient(transport=transport) as client:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.get("http://llm.internal/slow"), 0.1)
+    call = langfuse_capture.single(name="GET llm.internal/slow")
+    assert (call["level"], call["status_message"]) == ("ERROR", "CancelledError: ")
+
+
+async def test_a_transport_that_already_traces_is_not_wrapped_again(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    recorder = Recorder()
+    inner = TracingTransport(httpx.MockTransport(recorder))
+    with in_request(), TracedClient(transport=inner, mounts={"http://x": inner}) as client:
+        client.get("http://inventory/once")
+        client.get("http://x/once")
+    assert len(langfuse_capture.spans(name="GET inventory/once")) == 1
+    assert len(langfuse_capture.spans(name="GET x/once")) == 1
