@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +18,15 @@ setup()
 from asgiref.sync import iscoroutinefunction  # noqa: E402
 from django.core import checks  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
-from django.http import Http404, HttpResponse  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
+from django.http import FileResponse, Http404, HttpResponse, StreamingHttpResponse  # noqa: E402
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
+from django.urls import path  # noqa: E402
 
 from langfuse_mw.django import LangfuseMiddleware  # noqa: E402
+from tests import asgi_driver  # noqa: E402
+from tests.wsgi_apps import driver  # noqa: E402
 
 OURS = "langfuse_mw.django.LangfuseMiddleware"
 ASYNC_URLS = "tests.django_project.urls_async"
@@ -224,6 +231,12 @@ def test_system_checks() -> None:
     with_user = {"user_id_from": "tests.test_django.user_from_header"}
     assert _ids(MIDDLEWARE=[OURS, auth], LANGFUSE_MW=with_user) == ["langfuse_mw.W003"]
     assert _ids(MIDDLEWARE=[auth, OURS], LANGFUSE_MW=with_user) == []
+    gzip, conditional = (
+        "django.middleware.gzip.GZipMiddleware",
+        "django.middleware.http.ConditionalGetMiddleware",
+    )
+    assert _ids(MIDDLEWARE=[gzip, conditional, OURS]) == ["langfuse_mw.W004"]
+    assert _ids(MIDDLEWARE=[OURS, gzip, conditional]) == []
 
 
 def test_get_request_context_inside_views(langfuse_capture: LangfuseCapture) -> None:
@@ -231,3 +244,115 @@ def test_get_request_context_inside_views(langfuse_capture: LangfuseCapture) -> 
     root = langfuse_capture.single(name="GET ctx")
     assert body["session_id"] == "s-1"
     assert body["observation_id"] == root["span_id"]
+
+
+class _BadFile(io.RawIOBase):
+    """A file whose second read fails (a disk or network file system going away)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError("disk gone")
+        buffer[:10] = b"x" * 10
+        return 10
+
+
+def _bad_file(request: Any) -> Any:
+    return FileResponse(_BadFile())
+
+
+def _tagged_stream(request: Any) -> Any:
+    async def chunks() -> Any:
+        yield b"never read"
+
+    response = StreamingHttpResponse(chunks() if request.GET.get("async") else iter([b"body"]))
+    response["ETag"] = '"v1"'
+    return response
+
+
+async def _slow(request: Any) -> Any:
+    await asyncio.sleep(5)
+    return HttpResponse("late")  # pragma: no cover
+
+
+urlpatterns = [
+    path("bad-file", _bad_file),
+    path("tagged", _tagged_stream),
+    path("slow", _slow),
+]
+
+
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as below
+def test_a_file_that_fails_while_it_is_read_under_asgi_is_the_requests_error(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # Under ASGI (no sendfile) the file is streamed through the body like any other, so a
+    # read that fails is recorded; before, the observation was never ended at all. (Under
+    # WSGI the server reads it through its wsgi.file_wrapper: the error is the server's.)
+    with override_settings(ROOT_URLCONF="tests.test_django"):
+        result = _drive("asgi", "/bad-file")
+    gc.collect()  # Django leaves its request body file to the collector when sending fails
+    assert isinstance(result.exception, OSError)
+    root = langfuse_capture.single(name="GET bad-file")
+    assert (root["level"], root["status_message"]) == ("ERROR", "OSError: disk gone")
+
+
+@pytest.mark.parametrize("server", ["wsgi", "asgi"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_replaced_by_a_304_above_still_ends(
+    langfuse_capture: LangfuseCapture, server: str, kind: str
+) -> None:
+    # ConditionalGetMiddleware above ours answers 304: the view's body is never read. The
+    # observation ends when Django closes the response it sent, not at garbage collection.
+    conditional = "django.middleware.http.ConditionalGetMiddleware"
+    with override_settings(ROOT_URLCONF="tests.test_django", MIDDLEWARE=[conditional, OURS]):
+        query = b"async=1" if kind == "async" else b""
+        result = _drive(server, "/tagged", query=query, headers=[(b"if-none-match", b'"v1"')])
+    assert result.status == 304
+    root = langfuse_capture.single(name="GET tagged")
+    assert "disconnected" not in root["metadata"]
+
+
+# Django leaves the request body's SpooledTemporaryFile to the garbage collector when it
+# cancels a view (with or without this middleware): its warning is Django's.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_asgi_client_that_leaves_while_the_view_runs_is_a_disconnect(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    async def leave_early() -> None:
+        sent: list[dict[str, Any]] = []
+        messages = iter([{"type": "http.request", "body": b""}, {"type": "http.disconnect"}])
+
+        async def receive() -> dict[str, Any]:
+            message = next(messages)
+            if message["type"] == "http.disconnect":
+                await asyncio.sleep(0.1)  # the client leaves while the view sleeps
+            return message
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/slow", "query_string": b"",
+                 "headers": [], "asgi": {"version": "3.0"}}  # fmt: skip
+        await ASGIHandler()(scope, receive, send)
+        assert sent == []  # no response: the view was cancelled
+
+    with override_settings(ROOT_URLCONF="tests.test_django"):
+        asyncio.run(leave_early())
+    gc.collect()  # here, not in a later test
+    root = langfuse_capture.single(name="GET slow")
+    assert root["metadata"]["disconnected"] is True
+    assert root["level"] == "WARNING"
+
+
+def _drive(server: str, path: str, **kwargs: Any) -> Any:
+    if server == "wsgi":
+        return driver.call(WSGIHandler(), path, **kwargs)
+    return asyncio.run(asgi_driver.call(ASGIHandler(), path, **kwargs))

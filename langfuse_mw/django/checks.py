@@ -19,6 +19,11 @@ MIDDLEWARE_PATHS = (
     "langfuse_mw.django.middleware.LangfuseMiddleware",
 )
 AUTHENTICATION = "django.contrib.auth.middleware.AuthenticationMiddleware"
+# Django's middleware that change the response's status or body after the view.
+RESPONSE_CHANGING = (
+    "django.middleware.gzip.GZipMiddleware",
+    "django.middleware.http.ConditionalGetMiddleware",
+)
 _DOCS = "See docs/django.md in langfuse-mw."
 
 
@@ -38,7 +43,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
 
 
 def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[Any]:
-    """E003: listed twice; W001: not listed; W002/W003: placed where it misses things."""
+    """E003: listed twice; W001: not listed; W002-W004: placed where it misses things."""
     middleware = [str(path) for path in getattr(settings, "MIDDLEWARE", None) or ()]
     found = [i for i, path in enumerate(middleware) if path in MIDDLEWARE_PATHS]
     if not found:
@@ -83,6 +88,17 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 "AuthenticationMiddleware: request.user is not set yet when it is called.",
                 hint="Move LangfuseMiddleware below AuthenticationMiddleware. " + _DOCS,
                 id="langfuse_mw.W003",
+            )
+        )
+    changing = [path for path in middleware[:position] if path in RESPONSE_CHANGING]
+    if changing:
+        messages.append(
+            checks.Warning(
+                f"{', '.join(changing)} above LangfuseMiddleware in MIDDLEWARE change the "
+                "response after it: the observation records the view's status and size, not "
+                "the 304 or the compressed body the client gets.",
+                hint="Move LangfuseMiddleware above them in MIDDLEWARE. " + _DOCS,
+                id="langfuse_mw.W004",
             )
         )
     return messages

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -72,6 +74,10 @@ class LangfuseMiddleware:
         try:
             get_response: Callable[[HttpRequest], Awaitable[Response]] = self.get_response
             return self._respond(request, await get_response(request), obs)
+        except asyncio.CancelledError as exc:
+            obs.mark_disconnected()  # Django cancels the view when the client goes away
+            _fail(request, obs, exc)
+            raise
         except BaseException as exc:
             _fail(request, obs, exc)
             raise
@@ -112,9 +118,11 @@ class LangfuseMiddleware:
         if not response.streaming:
             obs.add_body(len(response.content))
             obs.end()
-        elif getattr(response, "file_to_stream", None) is not None:
-            # A FileResponse: WSGI servers may sendfile() it past any iterator of ours, so the
-            # end is the response's close(), which every server calls once the file is sent.
+            return response
+        if _sendfile(response, request):
+            # A FileResponse under a WSGI server, which may sendfile() it past any iterator of
+            # ours: the end is the response's close(), called once the file is sent. (Under
+            # ASGI it is streamed like any other body, so a read that fails is recorded.)
             obs.add_body(max(0, content_length(response.get("Content-Length"))))
             response._resource_closers.append(obs.end)
         elif response.is_async:
@@ -122,7 +130,26 @@ class LangfuseMiddleware:
         else:
             length = content_length(response.get("Content-Length"))
             response.streaming_content = ResponseBody(obs, response.streaming_content, length)
+        # A middleware above may replace this response (ConditionalGetMiddleware's 304, an
+        # error): its body is then never read. Django closes the response it finally sends
+        # with request.close(): the observation ends there at the latest.
+        request.close = functools.partial(_close_request, request.close, obs)
         return response
+
+
+def _sendfile(response: Response, request: HttpRequest) -> bool:
+    # A FileResponse under WSGI goes to the server's wsgi.file_wrapper, past our iterator.
+    return (
+        getattr(response, "file_to_stream", None) is not None
+        and request.META.get("wsgi.file_wrapper") is not None
+    )
+
+
+def _close_request(close: Callable[[], None], obs: RequestState) -> None:
+    try:
+        close()
+    finally:
+        obs.end()  # once: a body that was sent has ended it already
 
 
 def _set_route(request: HttpRequest, obs: RequestState) -> None:
