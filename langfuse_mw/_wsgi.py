@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -99,7 +100,8 @@ class ResponseBody:
     Content-Length sent) or at ``close()``, a disconnect if the body was not complete."""
 
     __slots__ = (
-        "exhausted", "failed", "inner_close", "iterator", "length", "obs", "on_end", "otel_ctx",
+        "closed", "exhausted", "failed", "inner_close", "iterator", "length", "obs", "on_end",
+        "otel_ctx", "sendfile",
     )  # fmt: skip
 
     def __init__(
@@ -111,10 +113,17 @@ class ResponseBody:
         # Iterated after the view returned and the context was reset: every next() runs with
         # the request made current again (end() drops the observation's own reference).
         self.otel_ctx = obs.otel_context
-        self.iterator: Iterator[bytes] = iter(iterable)
         self.inner_close: Callable[[], object] | None = getattr(iterable, "close", None)
+        try:
+            self.iterator: Iterator[bytes] = iter(iterable)
+        except BaseException:
+            if self.inner_close is not None:
+                self.inner_close()  # what a server does with an iterable it cannot iterate
+            raise
         self.length = length
-        self.exhausted = self.failed = False
+        self.exhausted = self.failed = self.closed = False
+        # The server sends the file itself (sendfile) and calls close() when it is done.
+        self.sendfile = False
 
     def __iter__(self) -> ResponseBody:
         return self
@@ -137,6 +146,13 @@ class ResponseBody:
         return chunk
 
     def close(self) -> None:
+        if self.closed:
+            return  # the app's close() is called once, whoever calls ours again
+        self.closed = True
+        if self.sendfile:
+            # Servers call close() in a finally: an OSError on its way out is the write that
+            # failed (the client left); otherwise the file was sent.
+            self.exhausted = not isinstance(sys.exc_info()[1], OSError)
         if not (self.exhausted or self.failed or self.obs.ended):
             # Servers close early when writing failed: the client went away (decided before
             # the app's close runs: a failure there is then not one after the response).

@@ -58,6 +58,12 @@ class LangfuseWSGIMiddleware:
             return [tracer.health_json()]
         if tracer.is_excluded(method, path):
             return self.app(environ, start_response)
+        outer = environ.get(ENVIRON_KEY)
+        if isinstance(outer, _Exchange):
+            # Another of ours (a LangfuseWSGIMiddleware around a LangfuseFlask app) traces this
+            # request already: one observation, named by whichever of us knows the route.
+            outer.routers.append(self)
+            return self.app(environ, start_response)
         obs = begin(tracer, environ, self.keys, method, path, self.framework, environ)
         if obs is None:
             return self.app(environ, start_response)
@@ -66,7 +72,14 @@ class LangfuseWSGIMiddleware:
         try:
             return exchange.respond(self.app(environ, exchange.start_response))
         except Exception as exc:
-            exchange.fail(exc)
+            if not exchange.wrote and not obs.ended:
+                # Nothing went out (a Flask teardown failing after start_response): the
+                # server answers the exception with a 500, not with the status it was given.
+                obs.status = None
+            if isinstance(exc, OSError) and obs.disconnected:
+                exchange.finish()  # the server's write failed: the client left, no app error
+            else:
+                exchange.fail(exc)
             raise
         except BaseException:
             exchange.finish()
@@ -88,7 +101,10 @@ class _Exchange:
     Not the body itself: generator apps keep ``start_response`` in their frame, and the body
     holds the generator, so that would be a reference cycle that outlives the request."""
 
-    __slots__ = ("environ", "length", "mw", "noted", "obs", "server_start", "server_write")
+    __slots__ = (
+        "environ", "length", "mw", "noted", "obs", "routers", "server_start", "server_write",
+        "wrote",
+    )  # fmt: skip
 
     def __init__(
         self, mw: LangfuseWSGIMiddleware, obs: RequestState, environ: Environ,
@@ -99,6 +115,9 @@ class _Exchange:
         self.server_write: Callable[[bytes], object] | None = None
         self.noted: BaseException | None = None
         self.length = -1
+        self.wrote = False
+        # Inner middleware of ours that passed this request through, to ask for its route.
+        self.routers: list[LangfuseWSGIMiddleware] = []
 
     def respond(self, result: Iterable[bytes]) -> Iterable[bytes]:
         wrapper = self.environ.get("wsgi.file_wrapper")
@@ -106,16 +125,18 @@ class _Exchange:
             # The server sends its own file wrapper with sendfile(): hand it back and hear about
             # the end from its close(), which servers call once the file is sent.
             body = ResponseBody(self.obs, (), self.length, self.finish)
+            body.inner_close = getattr(result, "close", None)
             try:
-                body.inner_close = getattr(result, "close", None)
                 result.close = body.close  # type: ignore[attr-defined]
             except AttributeError:
-                pass
-            else:
-                body.exhausted = True
-                if self.length > 0:
-                    self.obs.add_body(self.length)
-                return result
+                # A wrapper that takes no attributes (a C type): iterate it ourselves, with
+                # the same body (a second one would close the file when the first is freed).
+                body.iterator = iter(result)
+                return body
+            body.sendfile = True
+            if self.length > 0:
+                self.obs.add_body(self.length)
+            return result
         return ResponseBody(self.obs, result, self.length, self.finish)
 
     def fail(self, exc: BaseException) -> None:
@@ -126,8 +147,8 @@ class _Exchange:
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
         obs = self.obs
+        length = -1
         try:
-            obs.set_status(int(status[:3]))
             if exc_info is not None:
                 self.note(exc_info[1])  # an error page replacing the response
             self.capture_route()
@@ -137,7 +158,7 @@ class _Exchange:
                 if lower == echo:
                     has_echo = True  # the application set its own: it wins
                 elif lower == "content-length":
-                    self.length = content_length(value)
+                    length = content_length(value)
             if echo is not None and not has_echo:
                 # A new list: the application may reuse its own.
                 headers = [*headers, (echo, obs.request_id)]
@@ -146,22 +167,33 @@ class _Exchange:
         if exc_info is None:
             self.server_write = self.server_start(status, headers)
         else:
+            # Raises (PEP 3333) when the headers were sent already: they stay what they were.
             self.server_write = self.server_start(status, headers, exc_info)
+        try:
+            obs.set_status(int(status[:3]))
+            self.length = length
+        except Exception as exc:
+            report("wsgi.start_response", exc)
         return self.write
 
     def write(self, data: bytes) -> object:
         # The legacy write() callable of PEP 3333.
         assert self.server_write is not None
-        self.obs.add_body(len(data))
+        self.wrote = True
         try:
-            return self.server_write(data)
+            result = self.server_write(data)
         except OSError:
             self.obs.mark_disconnected()
             raise
+        self.obs.add_body(len(data))
+        return result
 
     def capture_route(self) -> None:
         try:
-            self.obs.set_route(self.mw.route(self.environ))
+            route = self.mw.route(self.environ)
+            for inner in self.routers:  # innermost knows best (a Flask app's rule)
+                route = inner.route(self.environ) or route
+            self.obs.set_route(route)
         except Exception as exc:
             report("wsgi.route", exc)
 

@@ -160,3 +160,37 @@ def test_stream_with_context_covers_the_whole_body(langfuse_capture: LangfuseCap
     response.close()
     child = langfuse_capture.single(name="llm")
     assert child["parent_span_id"] == langfuse_capture.single(name="GET /stream-ctx")["span_id"]
+
+
+def test_a_teardown_that_fails_is_the_500_the_client_gets(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # Flask calls start_response("200 OK") before its teardown; nothing is sent yet, so the
+    # server answers the teardown's exception with a 500: that is what is recorded.
+    app = flask_app.build()
+
+    @app.teardown_request
+    def broken(exc: BaseException | None) -> None:
+        raise ValueError("teardown broke")
+
+    LangfuseFlask(app)
+    with pytest.raises(ValueError):
+        app.test_client().get("/hello")
+    root = langfuse_capture.single(name="GET /hello")
+    assert root["output"] == {"statusCode": 500}
+    assert (root["level"], root["status_message"]) == ("ERROR", "ValueError: teardown broke")
+
+
+def test_an_outer_wsgi_middleware_and_the_extension_trace_once(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    from langfuse_mw.wsgi import LangfuseWSGIMiddleware
+
+    app = flask_app.build()
+    LangfuseFlask(app)
+    app.wsgi_app = LangfuseWSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    response = app.test_client().get("/items/3", headers={"x-request-id": "req-once"})
+    assert response.headers.get_all("x-request-id") == ["req-once"]
+    (root,) = langfuse_capture.roots()
+    assert root["name"] == "GET /items/<int:item_id>"
+    assert langfuse_capture.single(name="llm")["parent_span_id"] == root["span_id"]

@@ -192,8 +192,12 @@ def test_legacy_write_is_counted_and_a_failed_write_is_a_disconnect(
     with pytest.raises(BrokenPipeError):
         LangfuseWSGIMiddleware(app)(driver.environ("/x"), start_response)
     root = single(langfuse_capture)
-    assert root["metadata"]["responseSize"] == 10
+    assert root["metadata"]["responseSize"] == 5  # what was written: the second write failed
     assert root["metadata"]["disconnected"] is True
+    # The server's own error on a client that left is a disconnect, not the app's error.
+    assert (root["level"], root["status_message"]) == (
+        "WARNING", "client disconnected before the response completed",
+    )  # fmt: skip
 
 
 def test_body_dropped_without_close_still_ends(langfuse_capture: LangfuseCapture) -> None:
@@ -306,3 +310,124 @@ def test_a_missing_framework_names_the_extra(module: str, extra: str) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert f'pip install "langfuse-mw[{extra}]"' in out.stdout
+
+
+class _SlotsFileWrapper:
+    """A server's wsgi.file_wrapper that takes no attributes (a C type, in some servers)."""
+
+    __slots__ = ("blksize", "filelike")
+
+    def __init__(self, filelike: Any, blksize: int = 8192) -> None:
+        self.filelike, self.blksize = filelike, blksize
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(lambda: self.filelike.read(self.blksize), b"")
+
+    def close(self) -> None:
+        self.filelike.close()
+
+
+def test_a_file_wrapper_that_takes_no_attributes_still_sends_the_file(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    import io
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Length", "4")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"data"))
+
+    env = driver.environ("/file")
+    env["wsgi.file_wrapper"] = _SlotsFileWrapper
+    body = LangfuseWSGIMiddleware(app)(env, lambda *args: None)
+    assert b"".join(body) == b"data"
+    body.close()  # type: ignore[attr-defined]
+    root = single(langfuse_capture)
+    assert root["metadata"]["responseSize"] == 4 and "disconnected" not in root["metadata"]
+
+
+def test_an_exception_after_start_response_is_answered_with_a_500(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # Nothing went out yet: the server answers the exception with a 500, whatever status the
+    # app gave start_response (a Flask teardown failing after the view is this shape).
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", TEXT)
+        raise ValueError("teardown broke")
+
+    with pytest.raises(ValueError):
+        LangfuseWSGIMiddleware(app)(driver.environ("/x"), lambda *args: None)
+    root = single(langfuse_capture)
+    assert root["output"] == {"statusCode": 500}
+    assert (root["level"], root["status_message"]) == ("ERROR", "ValueError: teardown broke")
+
+
+def test_an_error_page_refused_after_the_headers_went_out_keeps_their_status(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # PEP 3333: start_response(..., exc_info) raises once headers were sent; the client has
+    # the first status, and the first Content-Length no longer holds.
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [*TEXT, ("Content-Length", "5")])
+        yield b"first"
+        try:
+            raise RuntimeError("late failure")
+        except RuntimeError:
+            start_response("500 Oops", TEXT, sys.exc_info())
+        yield b"never"  # pragma: no cover
+
+    sent = False
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        if exc_info is not None and sent:
+            raise exc_info[1].with_traceback(exc_info[2])
+        return lambda data: None
+
+    body = LangfuseWSGIMiddleware(app)(driver.environ("/x"), start_response)
+    chunks = iter(body)
+    assert next(chunks) == b"first"
+    sent = True
+    with pytest.raises(RuntimeError, match="late failure"):
+        next(chunks)
+    body.close()  # type: ignore[attr-defined]
+    root = single(langfuse_capture)
+    assert root["output"] == {"statusCode": 200}
+
+
+def test_close_reaches_the_app_once_and_always(langfuse_capture: LangfuseCapture) -> None:
+    class Unstartable:
+        closed = 0
+
+        def __iter__(self) -> Iterator[bytes]:
+            raise OSError("cannot open the body")
+
+        def close(self) -> None:
+            Unstartable.closed += 1
+
+    body = Body([b"a"])
+    result = LangfuseWSGIMiddleware(lambda env, sr: (sr("200 OK", TEXT), body)[1])(
+        driver.environ("/x"), lambda *args: None
+    )
+    list(result)
+    result.close()  # type: ignore[attr-defined]
+    result.close()  # type: ignore[attr-defined]
+    assert body.closed == 1
+    unstartable = LangfuseWSGIMiddleware(lambda env, sr: (sr("200 OK", TEXT), Unstartable())[1])
+    with pytest.raises(OSError):
+        unstartable(driver.environ("/y"), lambda *args: None)
+    assert Unstartable.closed == 1  # as a server would have done
+
+
+def test_a_sendfile_the_client_broke_off_is_a_disconnect(langfuse_capture: LangfuseCapture) -> None:
+    # Servers call the file wrapper's close() in a finally: with the write's OSError in flight
+    # the file was not all sent.
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Length", "100000")])
+        return environ["wsgi.file_wrapper"](__import__("io").BytesIO(b"x" * 100000))
+
+    result = LangfuseWSGIMiddleware(app)(driver.environ("/big"), lambda *args: None)
+    try:
+        raise BrokenPipeError("client gone during sendfile")
+    except BrokenPipeError:
+        result.close()  # type: ignore[attr-defined]
+    root = single(langfuse_capture)
+    assert root["metadata"]["disconnected"] is True
