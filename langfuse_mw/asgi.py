@@ -38,7 +38,7 @@ class LangfuseMiddleware:
         self._early_headers = {
             self._rid_name: 0, b"traceparent": 1, b"tracestate": 2, b"baggage": 3,
         }  # fmt: skip
-        runtime.get_runtime(self.settings)  # build (or warn about) the runtime at start-up
+        runtime.start_up(self.settings)  # build (or warn about) the runtime at start-up
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

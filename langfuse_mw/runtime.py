@@ -19,7 +19,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from . import _failsafe
 from ._version import __version__
-from .config import Settings, resolve_settings
+from .config import RUNTIME_OPTIONS, Settings, resolve_settings
 from .export import ExportQueue, HttpSender, Item, Sender
 
 __all__ = [
@@ -291,6 +291,30 @@ def get_runtime(settings: Settings) -> Runtime:
         if _runtime is not None:
             return _runtime
         return _install(Runtime(settings))
+
+
+def start_up(settings: Settings) -> Runtime:
+    """``get_runtime`` for a middleware starting: says once if options it was given explicitly
+    cannot apply, because the process runtime (one per process) was built with others."""
+    runtime = get_runtime(settings)
+    built = runtime.settings
+    if built is not settings:
+        ignored = [
+            name
+            for name in RUNTIME_OPTIONS
+            if settings.sources.get(name) == "argument"
+            and getattr(settings, name) != getattr(built, name)
+        ]
+        if ignored:
+            _failsafe.log_once(
+                "runtime-options",
+                "langfuse_mw: a middleware was given "
+                + ", ".join(ignored)
+                + " different from the runtime this process already runs; one runtime serves "
+                "the process and keeps the options it was built with (see "
+                "docs/configuration.md)",
+            )
+    return runtime
 
 
 def init(**options: Any) -> Runtime:

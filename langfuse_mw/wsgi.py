@@ -47,7 +47,7 @@ class LangfuseWSGIMiddleware:
         self.tracer = RequestTracer(self.settings)
         self.keys = header_keys(self.tracer)
         self.echo = self.settings.request_id_header if self.settings.echo_request_id else None
-        runtime.get_runtime(self.settings)  # build (or warn about) the runtime at start-up
+        runtime.start_up(self.settings)  # build (or warn about) the runtime at start-up
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")

@@ -194,3 +194,25 @@ def test_an_outer_wsgi_middleware_and_the_extension_trace_once(
     (root,) = langfuse_capture.roots()
     assert root["name"] == "GET /items/<int:item_id>"
     assert langfuse_capture.single(name="llm")["parent_span_id"] == root["span_id"]
+
+
+def test_per_app_connection_options_that_cannot_apply_are_said_once(
+    langfuse_capture: LangfuseCapture, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One runtime per process: a second app's own keys or environment cannot take effect,
+    # and the log says which options (never their values).
+    first, second = flask_app.build(), flask_app.build()
+    second.config.update(
+        LANGFUSE_MW_PUBLIC_KEY="pk-lf-other", LANGFUSE_MW_SECRET_KEY="sk-lf-other-secret",
+        LANGFUSE_MW_ENVIRONMENT="bee",
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="langfuse_mw"):
+        LangfuseFlask(first)
+        LangfuseFlask(second)
+        LangfuseFlask(flask_app.build(), environment="bee")
+    lines = [
+        r.getMessage() for r in caplog.records if "different from the runtime" in r.getMessage()
+    ]
+    assert len(lines) == 1
+    assert "public_key, secret_key, environment" in lines[0]
+    assert "sk-lf-other-secret" not in caplog.text

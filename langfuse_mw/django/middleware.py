@@ -50,7 +50,7 @@ class LangfuseMiddleware:
         if self.is_async:
             markcoroutinefunction(self)
         # A bad LANGFUSE_MW fails here, at start-up; the runtime is built (or warns) now too.
-        runtime.get_runtime(conf.state().tracer.settings)
+        runtime.start_up(conf.state().tracer.settings)
         got_request_exception.connect(_on_exception, dispatch_uid="langfuse_mw.django")
 
     def __call__(self, request: HttpRequest) -> Any:
