@@ -6,6 +6,7 @@ import asyncio
 import gc
 import io
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +24,9 @@ from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 from django.http import FileResponse, Http404, HttpResponse, StreamingHttpResponse  # noqa: E402
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
+from django.utils.asyncio import async_unsafe  # noqa: E402
+from django.utils.deprecation import MiddlewareMixin  # noqa: E402
+from django.utils.functional import SimpleLazyObject  # noqa: E402
 
 from langfuse_mw.django import LangfuseMiddleware  # noqa: E402
 from tests import asgi_driver  # noqa: E402
@@ -35,6 +39,12 @@ ASYNC_URLS = "tests.django_project.urls_async"
 def user_from_header(info: Any) -> str | None:
     """Used as a dotted path in LANGFUSE_MW."""
     return f"auth-{info.raw.headers.get('x-account', 'none')}"
+
+
+def user_from_request_user(info: Any) -> str | None:
+    """What the docs advise: the user AuthenticationMiddleware set (dotted path in LANGFUSE_MW)."""
+    user = info.raw.user
+    return str(user.username) if user.is_authenticated else None
 
 
 class Swallow:
@@ -356,3 +366,30 @@ def _drive(server: str, path: str, **kwargs: Any) -> Any:
     if server == "wsgi":
         return driver.call(WSGIHandler(), path, **kwargs)
     return asyncio.run(asgi_driver.call(ASGIHandler(), path, **kwargs))
+
+
+@async_unsafe
+def _load_from_the_database() -> Any:
+    # What AuthenticationMiddleware's lazy request.user does: a query, refused in async code.
+    return SimpleNamespace(username="alice", is_authenticated=True)
+
+
+class LazyUser(MiddlewareMixin):  # type: ignore[misc]
+    """AuthenticationMiddleware's shape: sync and async, request.user loaded on first use."""
+
+    def process_request(self, request: Any) -> None:
+        request.user = SimpleLazyObject(_load_from_the_database)
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_user_id_from_reading_request_user_works_under_asgi_too(
+    langfuse_capture: LangfuseCapture, client: str
+) -> None:
+    options = {"user_id_from": "tests.test_django.user_from_request_user"}
+    middleware = ["tests.test_django.LazyUser", OURS]
+    with override_settings(MIDDLEWARE=middleware, LANGFUSE_MW=options):
+        if client == "sync":
+            Client().get("/hello")
+        else:
+            run(AsyncClient().get("/hello"))
+    assert langfuse_capture.single(name="GET hello")["user_id"] == "alice"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 
 # Django ships no type hints: its objects are Any here.
 from django.core.exceptions import (  # type: ignore[import-untyped]
@@ -19,6 +20,7 @@ from django.core.exceptions import (  # type: ignore[import-untyped]
 from django.core.signals import got_request_exception  # type: ignore[import-untyped]
 from django.http import Http404, HttpResponse  # type: ignore[import-untyped]
 from django.http.multipartparser import MultiPartParserError  # type: ignore[import-untyped]
+from django.utils.functional import LazyObject, empty  # type: ignore[import-untyped]
 
 from .. import runtime
 from .._wsgi import ResponseBody, begin, content_length
@@ -68,6 +70,11 @@ class LangfuseMiddleware:
             obs.detach()
 
     async def __acall__(self, request: HttpRequest) -> Response:
+        if conf.state().tracer._identity_callables and _user_not_loaded(request):
+            # user_id_from / session_id_from are called here, in the event loop, where the
+            # query behind a lazy request.user is refused (SynchronousOnlyOperation): load it
+            # first in Django's thread for sync code, as a sync request would have.
+            await sync_to_async(_load_user, thread_sensitive=True)(request)
         obs = self._begin(request)
         if not isinstance(obs, RequestState):
             return obs if obs is not None else await self.get_response(request)
@@ -135,6 +142,16 @@ class LangfuseMiddleware:
         # with request.close(): the observation ends there at the latest.
         request.close = functools.partial(_close_request, request.close, obs)
         return response
+
+
+def _user_not_loaded(request: HttpRequest) -> bool:
+    user = request.__dict__.get("user")
+    return isinstance(user, LazyObject) and user._wrapped is empty
+
+
+def _load_user(request: HttpRequest) -> None:
+    with contextlib.suppress(Exception):  # left to whoever reads it next, as without us
+        request.user._setup()
 
 
 def _sendfile(response: Response, request: HttpRequest) -> bool:
