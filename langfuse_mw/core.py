@@ -299,6 +299,10 @@ class RequestTracer:
         # control characters (CR/LF, NUL) and non-ASCII never pass.
         if not (len(value) <= MAX_CUSTOM_ID and value.isascii() and value.isprintable()):
             return False
+        if "," in value or value != value.strip() or not value:
+            # Two request id headers (joined with a comma) are neither client's id; edge
+            # spaces are refused by HTTP servers when the id is echoed.
+            return False
         try:
             return bool(self._validate_request_id(value))
         except Exception as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+import socket
 import time
 from collections.abc import Sequence
 from json.encoder import encode_basestring, encode_basestring_ascii
@@ -159,7 +160,15 @@ def _ip(host: str) -> Any:
     try:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return None
+        pass
+    if host[:1].isdigit() and host.strip("0123456789abcdefxABCDEFX.") == "":
+        # 134744072, 0x08080808, 8.8.2056: IPv4 written the other ways the resolver takes
+        # (8.8.8.8), not single-label internal names.
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
 
 
 def _is_internal(host: str, address: Any) -> bool:

@@ -109,7 +109,11 @@ class TrustPolicy:
             address = ipaddress.ip_address(client_ip or "")
         except ValueError:
             return False
-        return any(address in net for net in self.networks)
+        # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        mapped = getattr(address, "ipv4_mapped", None)
+        return any(
+            address in net or (mapped is not None and mapped in net) for net in self.networks
+        )
 
     def mode_for(self, client_ip: str | None) -> str:
         """The mode for one peer: ``ignore`` for peers outside the trusted networks."""

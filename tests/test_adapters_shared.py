@@ -181,6 +181,26 @@ def test_request_id_is_echoed_generated_or_left_to_the_app(
     assert ids == {generated.decode(), "incoming", "kept-1"}
 
 
+@pytest.mark.parametrize("validator", [None, "accepts anything"])
+def test_two_request_ids_or_edge_spaces_are_replaced(
+    langfuse_capture: LangfuseCapture, adapter: Adapter, validator: str | None
+) -> None:
+    # Two x-request-id headers arrive joined ("a,b"): neither client's id, and a comma means
+    # a list downstream. Edge spaces break the echo (servers refuse them). Even a validator
+    # that accepts anything cannot let these through.
+    options = {} if validator is None else {"request_id_validator": lambda value: True}
+    call = traced(adapter, **options)
+    sent = [
+        [(b"x-request-id", b"req-a"), (b"x-request-id", b"req-b")],
+        [(b"x-request-id", b"req-a,req-b")],
+    ]
+    for headers in sent:
+        echoed = call("/hello", headers=headers).header(b"x-request-id")
+        assert echoed is not None and b"req-" not in echoed and len(echoed) == 36
+    assert all("," not in s["metadata"]["requestId"] for s in langfuse_capture.spans())
+    assert health()["rejected_inputs"].get("request_id") == len(sent)
+
+
 def test_header_names_are_configurable(langfuse_capture: LangfuseCapture, adapter: Adapter) -> None:
     call = traced(
         adapter, request_id_header="X-Correlation-ID", user_id_header="x-auth-user",

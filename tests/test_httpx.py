@@ -169,8 +169,12 @@ async def test_the_default_allow_list_is_the_internal_network(
 
 @pytest.mark.parametrize(
     "url",
-    ["https://api.openai.com/v1/chat", "http://8.8.8.8/x", "http://billing.internal.evil.com/x"],
-)
+    [
+        "https://api.openai.com/v1/chat", "http://8.8.8.8/x", "http://billing.internal.evil.com/x",
+        # 8.8.8.8 in the forms the resolver also takes: not single-label internal names.
+        "http://134744072/x", "http://0x08080808/x", "http://8.8.2056/x",
+    ],
+)  # fmt: skip
 async def test_public_targets_get_trace_headers_only(
     langfuse_capture: LangfuseCapture, get: Any, url: str
 ) -> None:

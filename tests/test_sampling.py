@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import uuid
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 
 from langfuse_mw import health
-from langfuse_mw.sampling import Sampler, template_regex
+from langfuse_mw.sampling import MAX_REGEX_PATH, Sampler, TemplateMatcher, template_regex
 from langfuse_mw.testing import capture_langfuse
 from tests import apps
 from tests.asgi_driver import call
@@ -50,6 +53,36 @@ def test_route_templates_of_every_framework_become_path_patterns(
     import re
 
     assert (re.fullmatch(template_regex(template), path) is not None) is matches
+    if "path" not in template:
+        assert TemplateMatcher(template).fullmatch(path) is matches
+
+
+_PIECES = st.sampled_from(["{a}", "{b:int}", "<c>", ".", "-", "x", "ab", "/", "v"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_PIECES, min_size=1, max_size=7).map("".join),
+    st.text(alphabet="./-xabv1", max_size=14),
+)
+def test_the_template_matcher_agrees_with_the_templates_regex(template: str, path: str) -> None:
+    # Sampling rules match without the regex, which backtracks; the answers must not change.
+    expected = re.fullmatch(template_regex(template), path) is not None
+    assert TemplateMatcher(template).fullmatch(path) is expected
+
+
+def test_sampling_rules_never_match_paths_with_a_backtracking_regex() -> None:
+    # /v/{major}.{minor}.{patch} as a regex backtracks cubically on "/v/" + 3000 dots
+    # (seconds per request, before routing): templates are matched by TemplateMatcher, and
+    # the regex rules (re:, path parameters) are skipped for paths over MAX_REGEX_PATH.
+    rule = "/v/{major:int}.{minor:int}.{patch:int}"
+    sampler = Sampler(0.0, [(rule, 1.0), (r"re:/(a+)+b", 1.0), ("/f/{rest:path}.txt", 1.0)])
+    matchers = [matcher for matcher, _ in sampler._rules]
+    assert isinstance(matchers[0], TemplateMatcher)
+    assert not isinstance(matchers[1], TemplateMatcher)
+    assert sampler.keeps(1, "/v/1.2.3") and not sampler.keeps(1, "/v/" + "." * 3000 + "/")
+    assert sampler.keeps(1, "/f/a/b.txt")
+    assert not sampler.keeps(1, "/" + "a" * (MAX_REGEX_PATH + 1))  # never reaches the regex
 
 
 async def test_rate_keeps_its_share_and_errors_are_always_kept() -> None:

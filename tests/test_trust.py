@@ -143,3 +143,11 @@ async def test_oversized_headers_from_case_24_are_ignored(
         f"langfuse_mw: ignored invalid input ({cause})"
         for cause in ("baggage", "traceparent", "user_id")
     )
+
+
+def test_ipv4_peers_of_a_dual_stack_listener_are_matched_as_ipv4() -> None:
+    from langfuse_mw.propagation import TrustPolicy
+
+    policy = TrustPolicy("continue", ("10.0.0.0/8",))
+    assert policy.peer_trusted("::ffff:10.0.0.1") and policy.peer_trusted("10.1.2.3")
+    assert not policy.peer_trusted("::ffff:8.8.8.8") and not policy.peer_trusted("::1")
