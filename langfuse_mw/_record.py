@@ -14,7 +14,12 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from . import _encode
 from .headers import truncate
 
-__all__ = ["SpanRecord", "exception_attributes"]
+__all__ = ["SpanRecord", "add_identity", "exception_attributes"]
+
+# Attribute names Langfuse reads for every observation (shared/LANGFUSE_OTEL.md).
+A_USER = "user.id"
+A_SESSION = "session.id"
+A_ENVIRONMENT = "langfuse.environment"
 
 MAX_MESSAGE = 1024
 MAX_STACKTRACE = 8192
@@ -93,6 +98,18 @@ class SpanRecord:
             start_time=self.start_ns,
             end_time=self.end_ns,
         )
+
+
+def add_identity(
+    attrs: dict[str, Any], user_id: str | None, session_id: str | None, environment: str | None
+) -> None:
+    """Add the user, session and environment attributes Langfuse reads, those that are set."""
+    if user_id is not None:
+        attrs[A_USER] = user_id
+    if session_id is not None:
+        attrs[A_SESSION] = session_id
+    if environment:
+        attrs[A_ENVIRONMENT] = environment
 
 
 def exception_attributes(

@@ -31,7 +31,15 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from . import _failsafe, runtime
-from ._record import MAX_MESSAGE, SpanRecord, exception_attributes
+from ._record import (
+    A_ENVIRONMENT,
+    A_SESSION,
+    A_USER,
+    MAX_MESSAGE,
+    SpanRecord,
+    add_identity,
+    exception_attributes,
+)
 from .config import Settings
 from .context import RequestContext, attach_otel, detach_otel
 from .context import _current as _request_var
@@ -75,9 +83,6 @@ A_LEVEL = "langfuse.observation.level"
 A_STATUS_MESSAGE = "langfuse.observation.status_message"
 A_META = "langfuse.observation.metadata."
 A_TRACE_NAME = "langfuse.trace.name"
-A_USER = "user.id"
-A_SESSION = "session.id"
-A_ENVIRONMENT = "langfuse.environment"
 A_APP_ROOT = "langfuse.internal.is_app_root"
 # Context keys the langfuse SDK reads when a child observation starts (propagate_attributes).
 CTX_USER = "langfuse.propagated.user_id"
@@ -777,10 +782,5 @@ class AfterResponse(SpanRecord):
             A_STATUS_MESSAGE: self.error,
             A_META + "requestId": encode_basestring(root.request_id),
         }
-        if root.user_id is not None:
-            attrs[A_USER] = root.user_id
-        if root.session_id is not None:
-            attrs[A_SESSION] = root.session_id
-        if root.rt.environment:
-            attrs[A_ENVIRONMENT] = root.rt.environment
+        add_identity(attrs, root.user_id, root.session_id, root.rt.environment)
         return "after response", attrs, StatusCode.ERROR.value, self.error

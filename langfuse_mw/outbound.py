@@ -28,19 +28,16 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import _failsafe, runtime
-from ._record import MAX_MESSAGE, SpanRecord, exception_attributes
+from ._record import MAX_MESSAGE, SpanRecord, add_identity, exception_attributes
 from .config import resolve_settings
 from .context import get_request_context
 from .core import (
-    A_ENVIRONMENT,
     A_INPUT,
     A_LEVEL,
     A_META,
     A_OUTPUT,
-    A_SESSION,
     A_STATUS_MESSAGE,
     A_TYPE,
-    A_USER,
     CTX_SESSION,
     CTX_USER,
 )
@@ -243,12 +240,7 @@ class OutboundCall(SpanRecord):
         }
         if self.request_id is not None:
             attrs[A_META + "requestId"] = encode_basestring(self.request_id)
-        if self.user_id is not None:
-            attrs[A_USER] = self.user_id
-        if self.session_id is not None:
-            attrs[A_SESSION] = self.session_id
-        if self.rt.environment:
-            attrs[A_ENVIRONMENT] = self.rt.environment
+        add_identity(attrs, self.user_id, self.session_id, self.rt.environment)
         message = None
         if self.error is not None:
             message = self.error

@@ -41,6 +41,20 @@ class Recorder:
         return httpx.Response(self.status, text="ok")
 
 
+def assert_call_context(sent: Any, root: dict[str, Any], call: dict[str, Any]) -> None:
+    """The call is the request's child, and carries its trace, request id, user and session
+    (req-1, u-1, s-1) to an internal target."""
+    assert call["parent_span_id"] == root["span_id"]
+    assert sent["traceparent"] == f"00-{root['trace_id']}-{call['span_id']}-01"
+    assert sent["x-request-id"] == "req-1"
+    entries = dict(item.split("=") for item in sent["baggage"].split(","))
+    assert entries == {
+        "langfuse_trace_id": root["trace_id"],
+        "langfuse_user_id": "u-1",
+        "langfuse_session_id": "s-1",
+    }
+
+
 @contextlib.contextmanager
 def in_request(
     sample_rate: float = 1.0, lazy: bool = False, **headers: str
@@ -96,15 +110,7 @@ async def test_internal_target_gets_trace_context_and_ids(
     sent = recorder.requests[0].headers
     call = langfuse_capture.single(name="GET inventory/stock/7")
     root = langfuse_capture.single(name="GET /checkout")
-    assert call["parent_span_id"] == root["span_id"]
-    assert sent["traceparent"] == f"00-{root['trace_id']}-{call['span_id']}-01"
-    assert sent["x-request-id"] == "req-1"
-    entries = dict(item.split("=") for item in sent["baggage"].split(","))
-    assert entries == {
-        "langfuse_trace_id": root["trace_id"],
-        "langfuse_user_id": "u-1",
-        "langfuse_session_id": "s-1",
-    }
+    assert_call_context(sent, root, call)
     assert call["user_id"] == "u-1" and call["session_id"] == "s-1"
     assert call["output"] == {"statusCode": 200}
     assert call["input"] == {

@@ -17,7 +17,7 @@ import requests
 
 from langfuse_mw.requests import TracedSession, TracingAdapter
 from langfuse_mw.testing import LangfuseCapture
-from tests.test_httpx import ID_HEADERS, in_request
+from tests.test_httpx import ID_HEADERS, assert_call_context, in_request
 
 
 class Target:
@@ -118,16 +118,7 @@ def test_a_call_carries_trace_context_and_ids_and_is_traced_whole(
         (call,) = calls(langfuse_capture)
     assert response.text == "ok"
     root = langfuse_capture.single(name="GET /checkout")
-    sent = target.received[0]
-    assert call["parent_span_id"] == root["span_id"]
-    assert sent["traceparent"] == f"00-{root['trace_id']}-{call['span_id']}-01"
-    assert sent["x-request-id"] == "req-1"
-    entries = dict(item.split("=") for item in sent["baggage"].split(","))
-    assert entries == {
-        "langfuse_trace_id": root["trace_id"],
-        "langfuse_user_id": "u-1",
-        "langfuse_session_id": "s-1",
-    }
+    assert_call_context(target.received[0], root, call)
     assert call["name"] == "GET 127.0.0.1/items"
     assert call["input"] == {"method": "GET", "url": f"{target.url}/items?token=[REDACTED]&page=2"}
     assert call["output"] == {"statusCode": 200}
