@@ -148,6 +148,7 @@ class _Exchange:
     _inbox: asyncio.Queue[Message] | None = None
     _pump: asyncio.Task[None] | None = None
     _disconnect: Message | None = None
+    _sending_last = False
     # The exception being handled when the response started: the response answers it.
     _answering: BaseException | None = None
 
@@ -176,8 +177,10 @@ class _Exchange:
         self.finish()
 
     def disconnected(self) -> None:
-        # After the last byte a client that leaves is done, not gone early.
-        if not self.obs.ended and not self._completed_ns:
+        # After the last byte a client that leaves is done, not gone early; so is one the
+        # server reports while the last body is still being sent (hypercorn, Connection:
+        # close). A write that fails there raises, and says so itself.
+        if not self.obs.ended and not self._completed_ns and not self._sending_last:
             self.obs.mark_disconnected()
             self.finish()
 
@@ -208,10 +211,13 @@ class _Exchange:
                 obs.set_status(403)  # closing before accept is a denial (ASGI spec)
         except Exception as exc:
             report("asgi.send", exc)
+        if last:
+            self._sending_last = True
         try:
             await self._send(message)
         except OSError:
             # The server could not write: the client is gone (ASGI 2.4 servers raise here).
+            self._sending_last = False
             self.disconnected()
             raise
         if last:
@@ -224,8 +230,9 @@ class _Exchange:
     async def receive(self) -> Message:
         if self._disconnect is not None:
             return self._disconnect
-        if self._inbox is not None:
-            message = await self._inbox.get()
+        inbox = self._inbox
+        if inbox is not None and (inbox.qsize() or not (self._pump and self._pump.done())):
+            message = await inbox.get()
         else:
             self._reading += 1
             try:
@@ -249,15 +256,18 @@ class _Exchange:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        # One message ahead at most: a client uploading while the app streams back is held
+        # back by the server (its flow control), as without us, not buffered here.
+        inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
 
         async def pump() -> None:
             while True:
                 message = await self._receive()
-                inbox.put_nowait(message)
                 if message["type"] == "http.disconnect":
-                    self.disconnected()
+                    self.disconnected()  # now, even if the app has not read what came before
+                    await inbox.put(message)
                     return
+                await inbox.put(message)
 
         self._inbox = inbox
         self._pump = loop.create_task(pump())
@@ -267,10 +277,11 @@ class _Exchange:
 def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
     # The echoed request id, unless the application set its own (it wins). A new message
     # and list: frameworks reuse their header lists (Starlette's Response).
-    headers = message.get("headers") or []
+    raw = message.get("headers") or ()
+    headers = raw if isinstance(raw, list | tuple) else list(raw)  # any iterable: read once
     for key, _ in headers:
         if key.lower() == header[0]:
-            return message
+            return message if headers is raw else {**message, "headers": headers}
     return {**message, "headers": [*headers, header]}
 
 

@@ -862,3 +862,108 @@ async def test_one_endpoint_behind_several_routes_is_named_after_the_one_that_ma
         assert (await call(app, path)).status == 200
     names = [span["name"] for span in langfuse_capture.spans()]
     assert names == ["GET /a/{x}", "GET /v2/b/{y}", "GET /v2/c", "GET /a/{x}", "GET /v2/b/{y}"]
+
+
+def _http_scope() -> dict[str, Any]:
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST",
+            "path": "/up", "raw_path": b"/up", "root_path": "", "query_string": b"",
+            "headers": [], "client": ("127.0.0.1", 5000), "server": ("t", 80), "scheme": "http",
+            "http_version": "1.1"}  # fmt: skip
+
+
+async def _streaming_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for _ in range(5):
+        await send({"type": "http.response.body", "body": b"tick", "more_body": True})
+        await asyncio.sleep(0.01)
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def test_the_disconnect_watch_never_reads_ahead_of_the_app(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # A client uploading while the app streams back (and does not read): the server's flow
+    # control must hold it back, as without us. Reading ahead buffered 700 MiB in 2.5 s.
+    reads = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0)  # a fast client: the next chunk is always there
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await LangfuseMiddleware(_streaming_app)(_http_scope(), receive, send)
+    assert reads <= 3
+
+
+async def test_a_disconnect_reported_while_the_last_body_is_sent_is_not_one(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # hypercorn with Connection: close queues http.disconnect while still inside the send of
+    # the last body: the response was complete.
+    closing = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await closing.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            closing.set()
+            await asyncio.sleep(0.02)  # the watch sees the disconnect before send returns
+
+    await LangfuseMiddleware(_streaming_app)(_http_scope(), receive, send)
+    root = langfuse_capture.single(name="POST <unmatched>")
+    assert "disconnected" not in root["metadata"]
+
+
+async def test_receive_after_the_watch_ended_asks_the_server_again(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # A task the app left behind (polling for the disconnect to cancel LLM work) keeps its
+    # receive: once the watch has stopped, it must get the server's answer, not wait forever.
+    kept: list[Any] = []
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+    left = asyncio.Event()  # the client leaves after the response
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        kept.append(receive)
+        await _streaming_app(scope, receive, send)
+
+    await LangfuseMiddleware(app)(_http_scope(), receive, send)
+    left.set()
+    messages_seen = [await asyncio.wait_for(kept[0](), 1) for _ in range(2)]
+    assert [m["type"] for m in messages_seen] == ["http.request", "http.disconnect"]
+
+
+async def test_response_headers_given_as_any_iterable_are_all_sent(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pairs = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": iter(pairs)})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await LangfuseMiddleware(app)(_http_scope(), receive, send)
+    names = [name for name, _ in sent[0]["headers"]]
+    assert names == [b"content-type", b"content-length", b"x-request-id"]
