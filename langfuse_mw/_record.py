@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from . import _encode
 from .headers import truncate
 
-__all__ = ["SpanRecord", "add_identity", "exception_attributes"]
+__all__ = ["SpanRecord", "add_identity", "error_message", "exception_attributes"]
 
 # Attribute names Langfuse reads for every observation (shared/LANGFUSE_OTEL.md).
 A_USER = "user.id"
@@ -112,6 +112,16 @@ def add_identity(
         attrs[A_ENVIRONMENT] = environment
 
 
+def error_message(exc: BaseException, clean: Callable[[str], str] | None = None) -> str:
+    """``Type: message`` for the observation's status, cut to size; never raises (an
+    exception whose ``str()`` fails gives its type alone)."""
+    try:
+        message = f"{type(exc).__name__}: {exc}"
+    except Exception:
+        message = type(exc).__name__
+    return truncate(clean(message) if clean is not None else message, MAX_MESSAGE)
+
+
 def exception_attributes(
     exc: BaseException, clean: Callable[[str], str] | None = None
 ) -> dict[str, str]:
@@ -119,7 +129,10 @@ def exception_attributes(
 
     ``clean`` rewrites the message and the stack trace before they are cut to size.
     """
-    message = str(exc)
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails
+        message = ""
     stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if clean is not None:
         message, stack = clean(message), clean(stack)

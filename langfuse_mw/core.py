@@ -35,9 +35,9 @@ from ._record import (
     A_ENVIRONMENT,
     A_SESSION,
     A_USER,
-    MAX_MESSAGE,
     SpanRecord,
     add_identity,
+    error_message,
     exception_attributes,
 )
 from .config import Settings
@@ -626,7 +626,7 @@ class Observation(RequestState, SpanRecord):
             exc = self.exception
             if exc is not None:
                 # Format now and let go of the traceback: it keeps the request's frames alive.
-                self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
+                self.error = error_message(exc)
                 self.error_event = exception_attributes(exc)
                 self.exception = None
             self._release()
@@ -770,7 +770,7 @@ class AfterResponse(SpanRecord):
         )
         self.start_ns = root.end_ns or root.start_ns  # the response's last byte
         self.end_ns = _time_ns()
-        self.error = _truncate(f"{type(exc).__name__}: {exc}", MAX_MESSAGE)
+        self.error = error_message(exc)
         self.error_event = exception_attributes(exc)
 
     def fields(self) -> tuple[str, dict[str, Any], int, str | None]:

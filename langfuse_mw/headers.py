@@ -13,6 +13,7 @@ __all__ = [
     "REDACTED",
     "clean_id",
     "compile_redactor",
+    "is_secret_key",
     "is_valid_request_id",
     "new_request_id",
     "redact_query",
@@ -76,6 +77,11 @@ def compile_redactor(keys: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(re.escape(key) for key in keys), re.IGNORECASE)
 
 
+def is_secret_key(key: str, matcher: re.Pattern[str]) -> bool:
+    """True if a raw query key names a secret (percent-decoded first: ``access%5Ftoken``)."""
+    return matcher.search(unquote_plus(key) if "%" in key or "+" in key else key) is not None
+
+
 def redact_query(query: str, matcher: re.Pattern[str] | None) -> str:
     """Replace the values of sensitive keys in a raw query string with ``[REDACTED]``.
 
@@ -87,7 +93,6 @@ def redact_query(query: str, matcher: re.Pattern[str] | None) -> str:
     parts = query.split("&")
     for index, part in enumerate(parts):
         key, sep, _ = part.partition("=")
-        decoded = unquote_plus(key) if "%" in key or "+" in key else key
-        if matcher.search(decoded):
+        if is_secret_key(key, matcher):
             parts[index] = f"{key}={REDACTED}" if sep else f"{key}"
     return truncate("&".join(parts))

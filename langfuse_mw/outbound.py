@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -28,7 +28,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import _failsafe, runtime
-from ._record import MAX_MESSAGE, SpanRecord, add_identity, exception_attributes
+from ._record import SpanRecord, add_identity, error_message, exception_attributes
 from .config import resolve_settings
 from .context import get_request_context
 from .core import (
@@ -41,7 +41,7 @@ from .core import (
     CTX_SESSION,
     CTX_USER,
 )
-from .headers import REDACTED, compile_redactor, redact_query, truncate
+from .headers import REDACTED, compile_redactor, is_secret_key, redact_query, truncate
 
 __all__ = ["OutboundCall", "Policy", "Targets", "begin_call"]
 
@@ -142,7 +142,7 @@ def _shown_url(url: str, redact: Any) -> tuple[str, tuple[tuple[str, str], ...]]
         hidden.append((parts.query, query))
         for part in parts.query.split("&"):  # the secrets alone, wherever else they show
             key, _, value = part.partition("=")
-            if len(value) >= _MIN_HIDDEN and redact.search(unquote_plus(key)):
+            if len(value) >= _MIN_HIDDEN and is_secret_key(key, redact):
                 hidden.append((value, REDACTED))
     return f"{base}?{query}", tuple(hidden)
 
@@ -217,8 +217,7 @@ class OutboundCall(SpanRecord):
                 # Errors may quote the URL: its secrets are taken out before they are cut.
                 hidden = self.hidden
                 clean = (lambda text: _hide(text, hidden)) if hidden else None
-                message = f"{type(exc).__name__}: {exc}"
-                self.error = truncate(clean(message) if clean else message, MAX_MESSAGE)
+                self.error = error_message(exc, clean)
                 self.error_event = exception_attributes(exc, clean)
             if self.span_context.trace_flags.sampled:  # a sampled-out request's calls are not
                 self.rt.emit(self)

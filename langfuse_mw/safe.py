@@ -14,6 +14,7 @@ from typing import Any, TypeVar, overload
 from opentelemetry import trace as otel_trace
 
 from . import _failsafe, runtime
+from ._record import error_message
 from .config import DEFAULT_REDACT_QUERY_KEYS
 from .headers import REDACTED, compile_redactor, truncate
 
@@ -90,13 +91,6 @@ def _qualname(fn: Any) -> str:
     return name if isinstance(name, str) else type(fn).__qualname__
 
 
-def _message(exc: BaseException) -> str:
-    try:
-        return truncate(f"{type(exc).__name__}: {exc}", 1024)
-    except Exception:  # an exception whose __str__ fails
-        return type(exc).__name__
-
-
 def _is_async(fn: Any) -> bool:
     if inspect.iscoroutinefunction(fn):
         return True
@@ -161,7 +155,7 @@ class _Tracer:
         try:
             try:
                 if exc is not None:
-                    observation.update(level="ERROR", status_message=_message(exc))
+                    observation.update(level="ERROR", status_message=error_message(exc))
                 elif self.capture_output:
                     observation.update(output=_preview(result, self.max_chars))
             finally:

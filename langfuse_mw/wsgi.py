@@ -62,7 +62,7 @@ class LangfuseWSGIMiddleware:
         if isinstance(outer, _Exchange):
             # Another of ours (a LangfuseWSGIMiddleware around a LangfuseFlask app) traces this
             # request already: one observation, named by whichever of us knows the route.
-            outer.routers.append(self)
+            outer.routers = (*outer.routers, self)
             return self.app(environ, start_response)
         obs = begin(tracer, environ, self.keys, method, path, self.framework, environ)
         if obs is None:
@@ -117,7 +117,7 @@ class _Exchange:
         self.length = -1
         self.wrote = False
         # Inner middleware of ours that passed this request through, to ask for its route.
-        self.routers: list[LangfuseWSGIMiddleware] = []
+        self.routers: tuple[LangfuseWSGIMiddleware, ...] = ()
 
     def respond(self, result: Iterable[bytes]) -> Iterable[bytes]:
         wrapper = self.environ.get("wsgi.file_wrapper")

@@ -967,3 +967,25 @@ async def test_response_headers_given_as_any_iterable_are_all_sent(
     await LangfuseMiddleware(app)(_http_scope(), receive, send)
     names = [name for name, _ in sent[0]["headers"]]
     assert names == [b"content-type", b"content-length", b"x-request-id"]
+
+
+async def test_an_exception_whose_str_fails_is_still_recorded(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise Unprintable()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    with pytest.raises(Unprintable):
+        await LangfuseMiddleware(app)(_http_scope(), receive, send)
+    root = langfuse_capture.single(name="POST <unmatched>")
+    assert (root["level"], root["status_message"]) == ("ERROR", "Unprintable")
