@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+from opentelemetry.context import Context
+
 from ._failsafe import report
-from .context import _current as _request_var
-from .context import attach_otel, detach_otel
+from .context import REQUEST_KEY, attach_otel, detach_otel
 from .core import RequestInfo, RequestState, RequestTracer
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_time_ns = time.time_ns
 Environ = dict[str, Any]
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], object]]
@@ -61,9 +64,7 @@ def begin(
     (``RequestTracer.begin_lazy``).
     """
 
-    def info() -> RequestInfo:
-        return environ_info(environ, keys, method, path, framework, raw)
-
+    info = functools.partial(environ_info, environ, keys, method, path, framework, raw)
     if not tracer.may_sample_out:
         return tracer.begin(info())
     get = environ.get
@@ -112,7 +113,7 @@ class ResponseBody:
         self.on_end = on_end or obs.end
         # Iterated after the view returned and the context was reset: every next() runs with
         # the request made current again (end() drops the observation's own reference).
-        self.otel_ctx = obs.otel_context
+        self.otel_ctx = obs.otel_context or Context({REQUEST_KEY: obs})
         self.inner_close: Callable[[], object] | None = getattr(iterable, "close", None)
         try:
             self.iterator: Iterator[bytes] = iter(iterable)
@@ -130,15 +131,24 @@ class ResponseBody:
 
     def __next__(self) -> bytes:
         obs = self.obs
+        token = attach_otel(self.otel_ctx)  # run(next, ...), inlined: once per chunk
         try:
-            chunk: bytes = self.run(next, self.iterator)
-        except StopIteration:
-            self.complete()
+            chunk: bytes = next(self.iterator)
+        except BaseException as exc:
+            self.release(token)
+            if isinstance(exc, StopIteration):
+                self.complete()
+            elif isinstance(exc, Exception):
+                self.fail(exc)
             raise
-        except Exception as exc:
-            self.fail(exc)
-            raise
-        obs.add_body(len(chunk))
+        try:
+            detach_otel(token)
+        except ValueError as exc:  # the body switched contexts under us: nothing to restore
+            report("wsgi.release", exc)
+        if not obs.ended:
+            if not obs.first_byte_ns:
+                obs.first_byte_ns = _time_ns()
+            obs.bytes_sent += len(chunk)
         if 0 <= self.length <= obs.bytes_sent and not obs.ended:
             # Every byte announced is out: complete, even if nobody asks for the end (test
             # clients read one chunk and keep the response open).
@@ -179,24 +189,19 @@ class ResponseBody:
 
         Not in a copy of the view's context: apps that set a context variable in the view and
         reset it while streaming (Flask 2.3's stream_with_context) need the caller's context."""
-        otel_ctx = self.otel_ctx  # attach(), inlined: once per chunk
-        tokens = _request_var.set(self.obs), attach_otel(otel_ctx) if otel_ctx is not None else None
+        token = attach_otel(self.otel_ctx)
         try:
             return fn(*args)
         finally:
-            self.release(tokens)
+            self.release(token)
 
-    def attach(self) -> tuple[Any, Any]:
+    def attach(self) -> Any:
         """Make the request current again; give the result to ``release``."""
-        otel_ctx = self.otel_ctx
-        otel_token = attach_otel(otel_ctx) if otel_ctx is not None else None
-        return _request_var.set(self.obs), otel_token
+        return attach_otel(self.otel_ctx)
 
-    def release(self, tokens: tuple[Any, Any]) -> None:
+    def release(self, token: Any) -> None:
         try:
-            if tokens[1] is not None:
-                detach_otel(tokens[1])
-            _request_var.reset(tokens[0])
+            detach_otel(token)
         except ValueError as exc:  # the body switched contexts under us: nothing to restore
             report("wsgi.release", exc)
 

@@ -34,33 +34,37 @@ class LangfuseMiddleware:
         self.tracer = RequestTracer(self.settings)
         self._rid_name = self.settings.request_id_header.encode("latin-1")
         self._echoes = self.settings.echo_request_id
-        # The headers read before a sampling decision (their index in _begin's list).
-        self._early_headers = {
-            self._rid_name: 0, b"traceparent": 1, b"tracestate": 2, b"baggage": 3,
-        }  # fmt: skip
+        # The headers read before a sampling decision.
+        self._early_headers = frozenset((self._rid_name, b"traceparent", b"tracestate", b"baggage"))
+        self._health_path = self.settings.health_path
+        self._is_excluded = self.tracer.is_excluded
+        self._lazy = self.tracer.may_sample_out
         runtime.start_up(self.settings)  # build (or warn about) the runtime at start-up
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if scope["path"] == self.settings.health_path:
+            path = scope["path"]
+            if path == self._health_path:
                 await self._health(send)
                 return
-            if self.tracer.is_excluded(scope["method"], scope["path"]):
+            if self._is_excluded(scope["method"], path):
                 await self.app(scope, receive, send)
                 return
+            obs = self._begin_http(scope, path) if self._lazy else self._begin(scope, kind)
+        elif kind == "websocket":
+            path = scope.get("path", "")
+            obs = self._begin(scope, kind)
         elif kind == "lifespan":
             await self.app(scope, receive, _lifespan_send(send, self.settings.shutdown_timeout))
             return
-        elif kind != "websocket":
+        else:
             await self.app(scope, receive, send)
             return
-
-        obs = self._begin(scope, kind)
         if obs is None:
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(self, obs, scope, receive, send)
+        exchange = _Exchange(self, obs, scope, path, receive, send)
         try:
             await self.app(scope, exchange.receive, exchange.send)
         except Exception as exc:
@@ -85,7 +89,10 @@ class LangfuseMiddleware:
             obs.mark_disconnected()  # servers cancel the app when the client goes away
             raise
         finally:
-            exchange.close()
+            if exchange._pump is not None:
+                exchange._pump.cancel()
+            if not obs.ended:
+                exchange.finish()
             obs.detach()
 
     async def _health(self, send: Send) -> None:
@@ -97,35 +104,47 @@ class LangfuseMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _begin(self, scope: Scope, kind: str) -> RequestState | None:
-        tracer = self.tracer
-        if kind != "http" or not tracer.may_sample_out:
-            return tracer.begin(self._info(scope, kind))
+        return self.tracer.begin(self._info(scope, kind))
+
+    def _begin_http(self, scope: Scope, path: str) -> RequestState | None:
         # Sampling may drop it: read the few headers the decision needs and decide first
         # (most requests at a low rate read nothing else).
-        found: list[str | None] = [None, None, None, None]
-        early = self._early_headers
-        for name, value in scope.get("headers") or ():
-            which = early.get(name)
-            if which is not None:
-                text = value.decode("latin-1")
-                seen = found[which]
-                found[which] = text if seen is None else f"{seen},{text}"
-        request_id, traceparent, tracestate, baggage = found
-        path = scope.get("path", "")
-        return tracer.begin_lazy(
-            path, request_id, traceparent, tracestate, baggage,
-            lambda: self._info(scope, kind, path),
-        )  # fmt: skip
+        try:
+            raw = scope.get("headers") or ()
+            found = dict(raw) if type(raw) is list else None  # in C, when no name repeats
+            if found is None or len(found) != len(raw):
+                found = _joined(raw, self._early_headers)
+            request_id = found.get(self._rid_name)
+            traceparent = found.get(b"traceparent")
+            tracestate = found.get(b"tracestate")
+            baggage = found.get(b"baggage")
+        except Exception as exc:  # not the (name, value) pairs ASGI promises
+            report("asgi.headers", exc)
+            return None
+        return self.tracer.begin_lazy(
+            path,
+            None if request_id is None else request_id.decode("latin-1"),
+            None if traceparent is None else traceparent.decode("latin-1"),
+            None if tracestate is None else tracestate.decode("latin-1"),
+            None if baggage is None else baggage.decode("latin-1"),
+            functools.partial(self._info, scope, "http", path),
+        )
 
     def _info(self, scope: Scope, kind: str, path: str | None = None) -> RequestInfo:
         """The core's view of the request; ``path`` as it was before routers rewrote it."""
         wanted = self.tracer.header_keys
         headers: dict[str, str] = {}
+        repeated: dict[str, list[str]] = {}
         for name, value in scope.get("headers") or ():
             key = wanted.get(name)
             if key is not None:
                 text = value.decode("latin-1")
-                headers[key] = f"{headers[key]},{text}" if key in headers else text
+                if key not in headers:
+                    headers[key] = text
+                else:  # joined once at the end: a header repeated 1000 times stays linear
+                    repeated.setdefault(key, [headers[key]]).append(text)
+        for key, parts in repeated.items():
+            headers[key] = ",".join(parts)
         client = scope.get("client")
         return RequestInfo(
             scope.get("method", "GET"),
@@ -152,14 +171,12 @@ class _Exchange:
     # The exception being handled when the response started: the response answers it.
     _answering: BaseException | None = None
 
-    def __init__(self, mw: LangfuseMiddleware, obs: RequestState, scope: Scope,
+    def __init__(self, mw: LangfuseMiddleware, obs: RequestState, scope: Scope, path: str,
                  receive: Receive, send: Send) -> None:  # fmt: skip
-        self.mw, self.obs, self.scope = mw, obs, scope
-        self._receive, self._send = receive, send
-        # Routers and mounted apps rewrite these on the way in; keep the originals. Wrapped
-        # around the app (not added to it), the app is ours to search for routes.
-        self.top_app = scope.get("app") or mw.app
-        self.path, self.root_path = scope.get("path", ""), scope.get("root_path", "")
+        self.obs, self.scope, self._receive, self._send = obs, scope, receive, send
+        # Routers and mounted apps rewrite the path on the way in: keep the original (and the
+        # app, which, wrapped around the app rather than added to it, is ours to search).
+        self.where = (scope.get("app") or mw.app, path, scope.get("root_path", ""))
         # Request ids are printable ASCII by construction (core._check_request_id).
         self.echo = (mw._rid_name, obs.request_id.encode("ascii")) if mw._echoes else None
 
@@ -169,12 +186,7 @@ class _Exchange:
             obs.end(self._completed_ns, self._route)
 
     def _route(self) -> str | None:
-        return route_template(self.scope, self.top_app, self.path, self.root_path)
-
-    def close(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-        self.finish()
+        return route_template(self.scope, *self.where)
 
     def disconnected(self) -> None:
         # After the last byte a client that leaves is done, not gone early; so is one the
@@ -189,13 +201,19 @@ class _Exchange:
         last = False
         try:
             kind = message["type"]
+            # The state is written here, not through RequestState's setters: this runs for
+            # every message, and a call per write is most of a dropped request's cost.
             if kind == "http.response.body":
-                obs.add_body(len(message.get("body", b"")))
+                if not obs.ended:
+                    if not obs.first_byte_ns:
+                        obs.first_byte_ns = _time_ns()
+                    obs.bytes_sent += len(message.get("body", b""))
                 last = not message.get("more_body", False)
                 if not last and self._pump is None:
                     self._start_pump()
             elif kind == "http.response.start" or kind == "websocket.http.response.start":
-                obs.set_status(message["status"])
+                if not obs.ended:
+                    obs.status = message["status"]
                 answering = _exc_info()[1]  # sent from an except block: an error handler's
                 if answering is not None:
                     self._answering = answering
@@ -224,8 +242,8 @@ class _Exchange:
             self._completed_ns = _time_ns()
             # An error handler's answer is followed by its exception (Starlette re-raises
             # it): end when the app returns, with this time, so that it is recorded too.
-            if self._answering is None:
-                self.finish()
+            if self._answering is None and not obs.ended:
+                obs.end(self._completed_ns, self._route)
 
     async def receive(self) -> Message:
         if self._disconnect is not None:
@@ -274,11 +292,23 @@ class _Exchange:
         self._pump.add_done_callback(_consume)
 
 
+def _joined(headers: Any, names: frozenset[bytes]) -> dict[bytes, bytes]:
+    # The named headers, a repeated one joined with "," (as HTTP reads a repeated header).
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in names:
+            found.setdefault(name, []).append(value)
+    return {name: b",".join(values) for name, values in found.items()}
+
+
+_SEQUENCES = (list, tuple)
+
+
 def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
     # The echoed request id, unless the application set its own (it wins). A new message
     # and list: frameworks reuse their header lists (Starlette's Response).
     raw = message.get("headers") or ()
-    headers = raw if isinstance(raw, list | tuple) else list(raw)  # any iterable: read once
+    headers = raw if isinstance(raw, _SEQUENCES) else list(raw)  # any iterable: read once
     for key, _ in headers:
         if key.lower() == header[0]:
             return message if headers is raw else {**message, "headers": headers}

@@ -27,6 +27,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.baggage import _BAGGAGE_KEY
+from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceState
 from opentelemetry.trace.propagation import _SPAN_KEY
 
@@ -41,8 +42,7 @@ from ._record import (
     exception_attributes,
 )
 from .config import Settings
-from .context import RequestContext, attach_otel, detach_otel
-from .context import _current as _request_var
+from .context import REQUEST_KEY, RequestContext, attach_otel, detach_otel, get_current_otel
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
 from .propagation import (
@@ -124,6 +124,10 @@ class RequestTracer:
         self._validate_request_id = settings.request_id_validator or is_valid_request_id
         self.request_id_header = settings.request_id_header
         self.trust = TrustPolicy(settings.trust_incoming, settings.trusted_networks)
+        self._continues = settings.trust_incoming == "continue"
+        # Whether a caller's trace context or baggage needs the whole request (its peer
+        # address, or a link) before the decision.
+        self._trust_reads_peer = bool(self.trust.networks) or settings.trust_incoming == "link"
         self.sampler = Sampler(settings.sample_rate, settings.sample_rules)
         self._slow_ns = int(settings.slow_threshold * 1e9)
         self._identity_callables = (
@@ -187,20 +191,19 @@ class RequestTracer:
             rt = runtime._runtime or runtime.get_runtime(self.settings)
             if not rt.enabled:
                 return None
-            trust = self.trust
             if self._identity_callables or (
-                (traceparent is not None or baggage is not None)
-                and (trust.networks or trust.mode == "link")
+                self._trust_reads_peer and (traceparent is not None or baggage is not None)
             ):
                 return self._begin(make_info(), rt)
             parent = None
-            if traceparent is not None and trust.mode == "continue":
+            if traceparent is not None and self._continues:
                 # Continued only from a plain version-00 header of a caller that did not
                 # sample the trace.
                 parent = plain_parent(traceparent, tracestate)
-                if parent is None or parent.trace_flags.sampled:
+                # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, ...).
+                if parent is None or parent[3] & 1:
                     return self._begin(make_info(), rt)
-                trace_id, trace_state = parent.trace_id, parent.trace_state
+                trace_id, trace_state = parent[0], parent[4]
             else:
                 trace_id = _getrandbits(128) or 1
                 if self.sampler.keeps(trace_id, path):
@@ -208,13 +211,21 @@ class RequestTracer:
                 trace_state = _NO_TRACE_STATE
             # Dropped: the caller's baggage is kept to pass on and for user and session.
             incoming = NOTHING
-            if trust.mode == "continue":
+            if self._continues and (parent is not None or baggage is not None):
                 entries = baggage_entries(baggage) if baggage is not None else None
                 if parent is not None or entries:
                     incoming = Incoming(parent=parent, baggage=entries or {})
-            span_context = _span_context(trace_id, _getrandbits(64) or 1, False, trace_state)
+            span_id = _getrandbits(64) or 1
+            span_context = _new_tuple(
+                SpanContext, (trace_id, span_id, False, _NOT_SAMPLED, trace_state, True)
+            )
             out = SampledOut(
-                self, rt, self._request_id(request_id), span_context, incoming, make_info
+                self,
+                rt,
+                new_request_id() if request_id is None else self._request_id(request_id),
+                span_context,
+                incoming,
+                make_info,
             )
             # Its handler's observations find a parent that says "not sampled", and the
             # caller's baggage (minus langfuse's own entries) travels on.
@@ -371,7 +382,6 @@ class RequestState:
     ended = False
     otel_context: otel_context.Context | None = None
     _otel_token: Any = None
-    _request_token: Any = None
 
     def set_route(self, template: str | None) -> None:
         """Record the matched route template (e.g. ``/items/{item_id}``)."""
@@ -443,21 +453,38 @@ class RequestState:
         return None
 
     def _make_current(self, values: dict[str, object]) -> None:
-        # The request's OTel context (built in one go) and the request itself become current.
+        # The request's OTel context (built in one go), holding the request itself.
+        values[REQUEST_KEY] = self
         ctx = self.otel_context = otel_context.Context(values)
         self._otel_token = attach_otel(ctx)
-        self._request_token = _request_var.set(self)
 
     def detach(self) -> None:
         """Restore the context that was current before ``begin`` (call where begin ran)."""
-        try:
-            if self._request_token is not None:
-                _request_var.reset(self._request_token)
-            if self._otel_token is not None:
-                detach_otel(self._otel_token)
-        except Exception as exc:  # a token from another context: nothing left to restore
-            _failsafe.report("detach", exc)
-        self._request_token = self._otel_token = None
+        if self.ended:
+            self._let_go()
+        token = self._otel_token
+        if token is not None:
+            self._otel_token = None
+            try:
+                detach_otel(token)
+            except Exception as exc:  # a token from another context: nothing left to restore
+                _failsafe.report("detach", exc)
+
+    def _let_go(self) -> None:
+        # Ended and detached: the context holds the request, so let go of it (and of what
+        # refers back to it), and no cycle outlives the request. Not before: a body still
+        # to stream needs it.
+        self.otel_context = None
+
+    def _own_context(self) -> Context | None:
+        # The request's OTel context: held until detach, then the current one if it is the
+        # request's (a WSGI body that streams after the view returned makes it current).
+        ctx = self.otel_context
+        if ctx is None:
+            current = get_current_otel()
+            if current.get(REQUEST_KEY) is self:
+                ctx = current
+        return ctx
 
 
 class SampledOut(RequestState):
@@ -498,8 +525,17 @@ class SampledOut(RequestState):
         self.ended = True
         try:
             end_ns = self.end_ns = end_ns or _time_ns()
-            if self._kept_by(end_ns) is None:
+            if self.exception is None and (self.status or 500) < 500:
+                # Most requests: neither failed nor (unless slow) kept.
+                slow = self.tracer._slow_ns
+                if not slow or end_ns - self.start_ns < slow:
+                    if self._otel_token is None:  # detached already
+                        self._let_go()
+                    return
+            elif self._kept_by(end_ns) is None:
                 self.exception = None  # let go of the traceback
+                if self._otel_token is None:
+                    self._let_go()
                 return
             obs = self._promoted()
             obs.route, obs.status, obs.exception = self.route, self.status, self.exception
@@ -520,6 +556,14 @@ class SampledOut(RequestState):
             obs.disconnected, obs.end_ns, obs.ended = self.disconnected, self.end_ns, True
         return obs._exported_root(route)
 
+    def _let_go(self) -> None:
+        self.otel_context = None
+        obs = self._observation
+        if obs is not None and not obs.ended:
+            # Built for the handler (its request context) and dropped: it and its context
+            # refer to us. Asked again (a failure after the response), it is built anew.
+            self._observation = None
+
     def _promoted(self) -> Observation:
         obs = self._observation
         if obs is None:
@@ -528,7 +572,7 @@ class SampledOut(RequestState):
             incoming, span = self.incoming, self.span_context
             obs = Observation(tracer, self.rt, info, self.request_id, span, incoming.parent, False)
             obs.start_ns = self.start_ns
-            obs.otel_context = self.otel_context
+            obs.otel_context = self._own_context()
             if incoming.parent is not None:
                 obs.claimed = incoming.claims(span.trace_id)
             trusted = tracer.trust.peer_trusted(info.client_ip)
@@ -594,7 +638,7 @@ class Observation(RequestState, SpanRecord):
                 self.session_id,
                 f"{span.trace_id:032x}",
                 f"{span.span_id:016x}",
-                self.otel_context,
+                self._own_context(),
             )
         return ctx
 

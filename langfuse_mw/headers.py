@@ -40,8 +40,8 @@ def new_request_id() -> str:
     ``random`` (reseeded after fork by CPython) rather than ``uuid4()``: ``os.urandom`` releases the
     GIL on every call, which starved the export thread under load in our measurements.
     """
-    text = (_getrandbits(128) & _UUID4_KEEP | _UUID4_SET).to_bytes(16).hex()
-    return "-".join((text[:8], text[8:12], text[12:16], text[16:20], text[20:]))
+    h = (_getrandbits(128) & _UUID4_KEEP | _UUID4_SET).to_bytes(16).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def is_valid_request_id(value: str) -> bool:

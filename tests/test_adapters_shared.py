@@ -6,6 +6,7 @@ tests/django_project), driven as a server would drive it (raw header bytes, clos
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -16,6 +17,7 @@ import pytest
 from opentelemetry import trace as otel_trace
 
 from langfuse_mw import get_request_context, health
+from langfuse_mw.core import RequestState
 from langfuse_mw.testing import LangfuseCapture
 from tests.compare import ARRIVALS, arrival_headers, assert_kept_as_sampled
 from tests.corpus import (
@@ -494,3 +496,29 @@ def test_a_bad_traceparent_on_a_request_that_may_be_dropped_starts_a_new_trace(
     assert root["trace_id"] not in ("0" * 32, VALID_TRACE_ID)
     assert root["metadata"]["keptBy"] == "error"
     assert health()["internal_errors"] == {}
+
+
+def test_a_dropped_request_leaves_nothing_to_the_garbage_collector(
+    langfuse_capture: LangfuseCapture, adapter: Adapter
+) -> None:
+    # The request's state and its OpenTelemetry context refer to each other while the
+    # request runs (and while its body streams); once it is over nothing may keep them alive
+    # (a cycle waits for the collector, and a dropped request must cost next to nothing).
+    call = traced(adapter, sample_rate=0.0)
+    assert call("/hello").status == 200  # the framework's own first-request set-up
+    gc.collect()
+    gc.disable()
+    try:
+        # Asked for its request context (built on demand), and streamed after the view
+        # returned. Django's streaming responses hold themselves in a cycle (their iterator
+        # maps over a bound method), and so whatever they stream: not ours to break.
+        paths = ["/hello", "/ctx"]
+        if adapter.framework != "django":
+            paths.append("/stream-ctx")
+        for path in paths:
+            assert call(path).status == 200
+        left = [o for o in gc.get_objects() if issubclass(type(o), RequestState)]
+    finally:
+        gc.enable()
+    assert left == []
+    assert langfuse_capture.spans() == []

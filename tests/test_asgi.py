@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
+import weakref
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ from opentelemetry import trace as otel_trace
 
 import langfuse_mw
 from langfuse_mw import LangfuseMiddleware, get_request_context, health
+from langfuse_mw.context import REQUEST_KEY, get_current_otel
 from langfuse_mw.testing import LangfuseCapture
 from tests import apps
 from tests.asgi_driver import call, lifespan, websocket
@@ -532,19 +535,59 @@ async def test_bad_header_values_never_change_the_response_or_reach_a_span(
     assert health()["rejected_inputs"]
 
 
+@pytest.mark.parametrize("rate", [1.0, 0.0], ids=["read whole", "decided first"])
 async def test_duplicated_headers_are_joined_not_trusted(
-    langfuse_capture: LangfuseCapture,
+    langfuse_capture: LangfuseCapture, rate: float
 ) -> None:
-    traced = traced_app("starlette")
-    await call(
+    # Both ways in: a request read whole, and one decided from its first few headers (a
+    # low rate), where a repeated header must be joined just the same.
+    traced = traced_app("starlette", sample_rate=rate)
+    not_sampled = VALID_TRACEPARENT[:-2] + b"00"  # the lazy path continues these itself
+    result = await call(
         traced,
-        "/hello",
-        headers=[(b"traceparent", VALID_TRACEPARENT), (b"traceparent", VALID_TRACEPARENT)],
+        "/status/500",
+        headers=[
+            (b"traceparent", not_sampled),
+            (b"x-request-id", b"req-a"),
+            (b"traceparent", not_sampled),
+            (b"x-request-id", b"req-b"),
+        ],
     )
-    root = langfuse_capture.single(name="GET /hello")
-    # W3C: a repeated traceparent is invalid, so the request starts its own trace.
+    root = langfuse_capture.single(name="GET /status/{code:int}")
+    # W3C: a repeated traceparent is invalid, so the request starts its own trace (and at
+    # rate 0 it is exported only because it failed, not because a caller sampled it).
     assert root["trace_id"] != VALID_TRACE_ID
     assert root["parent_span_id"] is None
+    assert root["metadata"].get("keptBy") == (None if rate else "error")
+    # Two request ids are neither client's: a fresh one is echoed and recorded.
+    echoed = result.header(b"x-request-id")
+    assert echoed is not None and b"req-" not in echoed
+    assert root["metadata"]["requestId"] == echoed.decode()
+
+
+async def test_a_dropped_request_leaves_nothing_to_the_garbage_collector(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # The request's state and its OpenTelemetry context refer to each other while the
+    # request runs; once it is over nothing may keep them (a cycle would wait for the
+    # collector, and a dropped request must cost next to nothing).
+    seen: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(weakref.ref(get_current_otel()[REQUEST_KEY]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    traced = LangfuseMiddleware(app, sample_rate=0.0)
+    gc.collect()
+    gc.disable()
+    try:
+        result = await call(traced, "/hello")
+        assert result.status == 200
+        assert seen and seen[0]() is None
+    finally:
+        gc.enable()
+    assert langfuse_capture.spans() == []
 
 
 @framework

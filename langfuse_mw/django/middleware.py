@@ -67,7 +67,7 @@ class LangfuseMiddleware:
             _fail(request, obs, exc)
             raise
         finally:
-            obs.detach()
+            _done(request, obs)
 
     async def __acall__(self, request: HttpRequest) -> Response:
         if conf.state().tracer._identity_callables and _user_not_loaded(request):
@@ -89,7 +89,7 @@ class LangfuseMiddleware:
             _fail(request, obs, exc)
             raise
         finally:
-            obs.detach()
+            _done(request, obs)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:
         """Note the view's exception; recorded if the response it leads to is a 5xx."""
@@ -140,7 +140,7 @@ class LangfuseMiddleware:
         # A middleware above may replace this response (ConditionalGetMiddleware's 304, an
         # error): its body is then never read. Django closes the response it finally sends
         # with request.close(): the observation ends there at the latest.
-        request.close = functools.partial(_close_request, request.close, obs)
+        request.close = functools.partial(_close_request, request, request.close, obs)
         return response
 
 
@@ -162,11 +162,21 @@ def _sendfile(response: Response, request: HttpRequest) -> bool:
     )
 
 
-def _close_request(close: Callable[[], None], obs: RequestState) -> None:
+def _close_request(
+    request: HttpRequest, close: Callable[[], None], obs: RequestState
+) -> None:  # fmt: skip
     try:
         close()
     finally:
         obs.end()  # once: a body that was sent has ended it already
+        request.__dict__.pop("close", None)  # the request and the observation let go
+
+
+def _done(request: HttpRequest, obs: RequestState) -> None:
+    # The middleware returns: the request's hooks no longer need the observation, and the
+    # observation (which can read the request) and the request would keep each other alive.
+    request.__dict__.pop(_OBS, None)
+    obs.detach()
 
 
 def _set_route(request: HttpRequest, obs: RequestState) -> None:
