@@ -8,6 +8,9 @@ Variants, alternated round by round:
                               sample_rate=0.1 and a traceparent with flags 00: the caller's
                               decision is followed (the usual request behind a sampling edge)
   langfuse_mw (excluded path) a request LangfuseMiddleware skips (exclude_paths)
+  floor (dropped-request minimum)
+                              benchmarks/floor.py: the least any middleware that keeps errors
+                              and echoes the request id can do for a request it drops
   otel asgi (1 span)          opentelemetry-instrumentation-asgi, exclude_spans=receive/send
   otel asgi (not sampled)     the same with ParentBased(TraceIdRatioBased(0)): OpenTelemetry's
                               cost for a request its sampler drops
@@ -139,6 +142,14 @@ def langfuse_mw_app(sink: EncodingSink, framework: str, **options: Any) -> Any:
     return app
 
 
+def floor_app(framework: str) -> Any:
+    from benchmarks.floor import FloorASGI
+
+    app = make_app(framework)
+    app.add_middleware(FloorASGI)
+    return app
+
+
 def otel_app(provider: TracerProvider, framework: str) -> Any:
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
@@ -222,6 +233,8 @@ def main() -> None:
             "langfuse_mw (excluded path)": driver(
                 langfuse_mw_app(sink, framework, exclude_paths=["/items/.*"]), "/items/1"
             ),
+            # The least any middleware that keeps errors and echoes the id does when it drops.
+            "floor (dropped-request minimum)": driver(floor_app(framework), "/items/1"),
             "otel asgi (1 span)": driver(otel_app(otel_provider, framework), "/items/1"),
             "otel asgi (not sampled)": driver(otel_app(otel_dropping, framework), "/items/1"),
             "naive langfuse (docs)": driver(naive_app(naive_client, framework), "/items/1"),
@@ -229,7 +242,10 @@ def main() -> None:
         measure(
             f"{framework}: ", variants, flushes, rounds=args.rounds, requests=args.requests,
             peers=["otel asgi (1 span)", "naive langfuse (docs)"],
-            pairs=[("langfuse_mw (not sampled)", "otel asgi (not sampled)")],
+            pairs=[
+                ("langfuse_mw (not sampled)", "otel asgi (not sampled)"),
+                ("langfuse_mw (not sampled)", "floor (dropped-request minimum)"),
+            ],
         )  # fmt: skip
     health = runtime.health()
     print(

@@ -10,8 +10,10 @@ replace them: use it to compare variants and to see what a change saves.
 
 Variants (Starlette or FastAPI hello world as in ``asgi_overhead.py``, or Flask as in
 ``wsgi_overhead.py``; in-process): bare, langfuse_mw (100 % traced), langfuse_mw (not sampled),
-langfuse_mw (caller did not sample), langfuse_mw (excluded path), otel (1 span), otel (not
-sampled): OpenTelemetry's ASGI or WSGI middleware.
+langfuse_mw (caller did not sample), langfuse_mw (excluded path), floor (dropped-request
+minimum: ``benchmarks/floor.py``, the least any middleware that keeps errors and echoes the
+request id can do for a request it drops), otel (1 span), otel (not sampled): OpenTelemetry's
+ASGI or WSGI middleware.
 
 "request path" leaves every span in its exporter's queue; "with export" also encodes, gzips
 and hands them to a local sink (OTLP protobuf; no network) before the count stops.
@@ -57,6 +59,7 @@ VARIANTS = [
     "langfuse_mw (not sampled)",
     "langfuse_mw (caller did not sample)",
     "langfuse_mw (excluded path)",
+    "floor (dropped-request minimum)",
     "otel (1 span)",
     "otel (not sampled)",
 ]
@@ -75,6 +78,16 @@ def build(variant: str, framework: str) -> tuple[Callable[[int], float], Callabl
     flask = framework == "flask"
     if variant == "bare":
         app = wsgi_overhead.make_app() if flask else asgi_overhead.make_app(framework)
+        return _driver(framework, app, caller=False), lambda: None
+    if variant.startswith("floor"):
+        from benchmarks.floor import FloorASGI, FloorWSGI
+
+        if flask:
+            app = wsgi_overhead.make_app()
+            app.wsgi_app = FloorWSGI(app.wsgi_app)  # type: ignore[method-assign]
+        else:
+            app = asgi_overhead.make_app(framework)
+            app.add_middleware(FloorASGI)
         return _driver(framework, app, caller=False), lambda: None
     if variant.startswith("otel"):
         rate = 0.0 if variant.endswith("(not sampled)") else 1.0
@@ -200,6 +213,13 @@ def main() -> None:
         excluded = counted[("langfuse_mw (excluded path)", False)] - base
         dropped = counted[("langfuse_mw (not sampled)", False)] - base
         print(f"over bare: not sampled {dropped:+,.0f} instructions, excluded {excluded:+,.0f}")
+        floor = counted.get(("floor (dropped-request minimum)", False))
+        if floor is not None and floor > base:
+            print(
+                f"the floor (what any dropped request must do) {floor - base:+,.0f}: "
+                f"not sampled / floor {dropped / (floor - base):.2f}, "
+                f"floor / excluded {(floor - base) / max(excluded, 1):.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Variants, alternated round by round:
                               sample_rate=0.1 and a traceparent with flags 00: the caller's
                               decision is followed (the usual request behind a sampling edge)
   langfuse_mw (excluded path) a request LangfuseFlask skips (exclude_paths)
+  floor (dropped-request minimum)
+                              benchmarks/floor.py: the least any middleware that keeps errors
+                              and echoes the request id can do for a request it drops
   otel wsgi (1 span)          opentelemetry-instrumentation-wsgi's OpenTelemetryMiddleware
                               on app.wsgi_app, with a batch processor
   otel wsgi (not sampled)     the same with ParentBased(TraceIdRatioBased(0)): OpenTelemetry's
@@ -114,6 +117,14 @@ def langfuse_mw_app(sink: EncodingSink, **options: Any) -> Any:
     return app
 
 
+def floor_app() -> Any:
+    from benchmarks.floor import FloorWSGI
+
+    app = make_app()
+    app.wsgi_app = FloorWSGI(app.wsgi_app)  # type: ignore[method-assign]
+    return app
+
+
 def otel_app(provider: TracerProvider) -> Any:
     from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 
@@ -144,13 +155,16 @@ def main() -> None:
         "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
         "langfuse_mw (not sampled)": driver(langfuse_mw_app(sink, sample_rate=0.0), "/items/1"),
         "langfuse_mw (caller did not sample)": driver(
-            langfuse_mw_app(sink, sample_rate=0.1), "/items/1",
+            langfuse_mw_app(sink, sample_rate=0.1),
+            "/items/1",
             {"HTTP_TRACEPARENT": NOT_SAMPLED_PARENT},
         ),
         # The same route, excluded: only the middleware's own work differs from bare.
         "langfuse_mw (excluded path)": driver(
             langfuse_mw_app(sink, exclude_paths=["/items/.*"]), "/items/1"
         ),
+        # The least any middleware that keeps errors and echoes the id does when it drops.
+        "floor (dropped-request minimum)": driver(floor_app(), "/items/1"),
         "otel wsgi (1 span)": driver(otel_app(otel_provider), "/items/1"),
         "otel wsgi (not sampled)": driver(otel_app(otel_dropping), "/items/1"),
     }
@@ -162,7 +176,10 @@ def main() -> None:
     measure(
         "", variants, flushes, rounds=args.rounds, requests=args.requests,
         peers=["otel wsgi (1 span)"],
-        pairs=[("langfuse_mw (not sampled)", "otel wsgi (not sampled)")],
+        pairs=[
+            ("langfuse_mw (not sampled)", "otel wsgi (not sampled)"),
+            ("langfuse_mw (not sampled)", "floor (dropped-request minimum)"),
+        ],
     )  # fmt: skip
     health = runtime.health()
     print(

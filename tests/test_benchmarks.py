@@ -10,8 +10,11 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
+from uuid import UUID
 
 import pytest
+from opentelemetry import trace as otel_trace
 
 from benchmarks import instructions, server_throughput
 from tests.servers import ROOT
@@ -95,3 +98,45 @@ def test_every_server_variant_installs_the_middleware_it_names(variant: str) -> 
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1]) == SERVER_VARIANTS[variant]
+
+
+@pytest.mark.anyio
+async def test_the_floor_does_what_a_dropped_request_must_and_nothing_it_need_not() -> None:
+    # The ruler the dropped request is measured against: it must echo the id (fresh when
+    # none came), make a non-sampled span current for the handler, and notice a failure.
+    from flask import Flask, abort
+
+    from benchmarks.floor import FloorASGI, FloorWSGI
+    from tests.asgi_driver import call
+
+    seen: list[otel_trace.SpanContext] = []
+
+    async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(otel_trace.get_current_span().get_span_context())
+        status = 500 if scope["path"] == "/fail" else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    floor = FloorASGI(asgi_app)
+    fresh = await call(floor, "/")
+    sent = await call(floor, "/fail", headers=[(b"x-request-id", b"req-1")])
+    assert (fresh.status, sent.status) == (200, 500)
+    assert UUID(fresh.header(b"x-request-id").decode()).version == 4  # type: ignore[union-attr]
+    assert sent.header(b"x-request-id") == b"req-1"
+    assert floor.kept == 1
+    assert len(seen) == 2 and all(c.is_valid and not c.trace_flags.sampled for c in seen)
+    assert seen[0].trace_id != seen[1].trace_id
+
+    flask = Flask("floor")
+    flask.add_url_rule(
+        "/", "ok", lambda: (seen.append(otel_trace.get_current_span().get_span_context()), "ok")[1]
+    )
+    flask.add_url_rule("/fail", "fail", lambda: abort(500))
+    wsgi = FloorWSGI(flask.wsgi_app)
+    flask.wsgi_app = wsgi  # type: ignore[method-assign]
+    client = flask.test_client()
+    response = client.get("/", headers={"x-request-id": "req-2"})
+    assert response.headers["x-request-id"] == "req-2"
+    assert client.get("/fail").status_code == 500
+    assert wsgi.kept == 1
+    assert seen[-1].is_valid and not seen[-1].trace_flags.sampled
