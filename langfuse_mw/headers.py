@@ -16,6 +16,7 @@ __all__ = [
     "is_secret_key",
     "is_valid_request_id",
     "new_request_id",
+    "query_pairs",
     "redact_query",
     "truncate",
 ]
@@ -86,13 +87,24 @@ def redact_query(query: str, matcher: re.Pattern[str] | None) -> str:
     """Replace the values of sensitive keys in a raw query string with ``[REDACTED]``.
 
     Order and repeated keys are kept; keys are percent-decoded before matching so
-    ``access%5Ftoken`` is caught like ``access_token``.
+    ``access%5Ftoken`` is caught like ``access_token``. ``;`` separates pairs too (older
+    servers and other languages split on it), so ``page=1;token=x`` hides the token.
     """
     if not query or matcher is None:
         return truncate(query)
-    parts = query.split("&")
+    parts = _PAIRS.split(query) if ";" in query else query.split("&")
     for index, part in enumerate(parts):
         key, sep, _ = part.partition("=")
         if is_secret_key(key, matcher):
             parts[index] = f"{key}={REDACTED}" if sep else f"{key}"
-    return truncate("&".join(parts))
+    return truncate("".join(parts) if ";" in query else "&".join(parts))
+
+
+def query_pairs(query: str) -> list[str]:
+    """The ``key=value`` parts of a raw query string, split on ``&`` and ``;``."""
+    return _SEPARATORS.split(query) if ";" in query else query.split("&")
+
+
+# Pairs and their separators (kept, to rebuild the query as it was): "a=1", "&", "b=2", ...
+_PAIRS = re.compile(r"([&;])")
+_SEPARATORS = re.compile(r"[&;]")

@@ -41,7 +41,14 @@ from .core import (
     CTX_SESSION,
     CTX_USER,
 )
-from .headers import REDACTED, compile_redactor, is_secret_key, redact_query, truncate
+from .headers import (
+    REDACTED,
+    compile_redactor,
+    is_secret_key,
+    query_pairs,
+    redact_query,
+    truncate,
+)
 
 __all__ = ["OutboundCall", "Policy", "Targets", "begin_call"]
 
@@ -140,7 +147,7 @@ def _shown_url(url: str, redact: Any) -> tuple[str, tuple[tuple[str, str], ...]]
     query = redact_query(parts.query, redact)
     if redact is not None and query != parts.query:
         hidden.append((parts.query, query))
-        for part in parts.query.split("&"):  # the secrets alone, wherever else they show
+        for part in query_pairs(parts.query):  # the secrets alone, wherever else they show
             key, _, value = part.partition("=")
             if len(value) >= _MIN_HIDDEN and is_secret_key(key, redact):
                 hidden.append((value, REDACTED))

@@ -64,11 +64,14 @@ values = st.text(alphabet=string.ascii_letters + string.digits + "-_.~%", min_si
 plain = st.sampled_from(["page", "q", "limit", "sort"])
 
 
-@given(st.lists(st.tuples(st.one_of(keys, plain), values), max_size=8))
-def test_no_value_of_a_sensitive_key_survives_redaction(pairs: list[tuple[str, str]]) -> None:
-    query = "&".join(f"{k}={v}" for k, v in pairs)
+@given(st.lists(st.tuples(st.one_of(keys, plain), values), max_size=8), st.sampled_from("&;"))
+def test_no_value_of_a_sensitive_key_survives_redaction(
+    pairs: list[tuple[str, str]], separator: str
+) -> None:
+    # "&" and ";" alike: a pair after a ";" is a pair to servers that split on it.
+    query = separator.join(f"{k}={v}" for k, v in pairs)
     redacted = redact_query(query, REDACTOR)
-    out = [part.partition("=") for part in redacted.split("&")] if redacted else []
+    out = [part.partition("=") for part in redacted.split(separator)] if redacted else []
     assert [k for k, _, _ in out] == [k for k, _ in pairs]  # order and repeats kept
     for (key, value), (_, _, got) in zip(pairs, out, strict=True):
         if REDACTOR is not None and REDACTOR.search(key):
@@ -83,3 +86,7 @@ def test_redaction_decodes_keys_and_keeps_bare_keys() -> None:
     )
     assert redact_query("q=" + "a" * 5000, REDACTOR).endswith("...[truncated]")
     assert redact_query("token=a", None) == "token=a"
+    # Mixed separators are kept as they came.
+    assert redact_query("page=1;password=x&q=a;b", REDACTOR) == (
+        f"page=1;password={REDACTED}&q=a;b"
+    )
