@@ -137,7 +137,9 @@ class ResponseBody:
         except BaseException as exc:
             self.release(token)
             if isinstance(exc, StopIteration):
-                self.complete()
+                self.exhausted = True
+                if not obs.ended:  # else its Content-Length was all sent: ended already
+                    self.finish()
             elif isinstance(exc, Exception):
                 self.fail(exc)
             raise
