@@ -210,9 +210,7 @@ def _validate_json(resource_spans: Any) -> _Problems:
                 problems.count("scopeSpans:not_an_array")
             continue
         for raw_scope_span in scope_spans:
-            scope_span: dict[str, Any] = (
-                raw_scope_span if isinstance(raw_scope_span, dict) else {}
-            )
+            scope_span: dict[str, Any] = raw_scope_span if isinstance(raw_scope_span, dict) else {}
             raw_scope = scope_span.get("scope")
             scope: dict[str, Any] = raw_scope if isinstance(raw_scope, dict) else {}
             if _malformed_list(scope.get("attributes")):

@@ -320,8 +320,10 @@ def extract_observation_type(
         # Python SDK <= 3.3 sent "span" for generations; newer versions are taken at their word.
         major, _, rest = str(scope.get("version") or "").partition(".")
         minor = rest.partition(".")[0]
-        old = not major.isdigit() or int(major) < 3 or (
-            int(major) == 3 and not (minor.isdigit() and int(minor) > 3)
+        old = (
+            not major.isdigit()
+            or int(major) < 3
+            or (int(major) == 3 and not (minor.isdigit() and int(minor) > 3))
         )
         generation_keys = {
             "langfuse.observation.model.name",

@@ -80,10 +80,10 @@ li.obs > details > summary::-webkit-details-marker { display:none; }
 
 def _page(title: str, body: str) -> str:
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)} · langfuse-mw devserver</title><style>{_CSS}</style></head>"
-        "<body><header><a href=\"/\">langfuse-mw devserver</a>"
+        '<body><header><a href="/">langfuse-mw devserver</a>'
         "<span>local Langfuse-compatible receiver</span></header>"
         f"<main>{body}</main></body></html>\n"
     )
@@ -188,7 +188,7 @@ def render_trace_list(store: Store, query: Mapping[str, str]) -> str:
 def _children(observations: Sequence[Mapping[str, Any]]) -> dict[str | None, list[Any]]:
     ids = {o["id"] for o in observations}
     children: dict[str | None, list[Any]] = {}
-    for obs in sorted(observations, key=lambda o: (o.get("startTimeUnixNano") or 0)):
+    for obs in sorted(observations, key=lambda o: o.get("startTimeUnixNano") or 0):
         parent = obs.get("parentObservationId")
         # A parent outside this trace (another service, not exported) shows as a root.
         children.setdefault(parent if parent in ids else None, []).append(obs)
@@ -207,7 +207,7 @@ def _observation_detail(obs: Mapping[str, Any]) -> str:
     parts.append('<dl class="summary">')
     for label, value in facts:
         if value:
-            parts.append(f"<dt>{escape(label)}</dt><dd class=\"mono\">{escape(str(value))}</dd>")
+            parts.append(f'<dt>{escape(label)}</dt><dd class="mono">{escape(str(value))}</dd>')
     parts.append("</dl>")
     for label, key in (("Input", "input"), ("Output", "output"), ("Metadata", "metadata")):
         if obs.get(key) not in (None, "", {}):
