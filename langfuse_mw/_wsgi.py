@@ -10,10 +10,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from opentelemetry.context import Context
-
 from ._failsafe import report
-from .context import REQUEST_KEY, attach_otel, detach_otel
+from .context import _current as _request_var
+from .context import attach_otel, detach_otel
 from .core import RequestInfo, RequestState, RequestTracer
 
 __all__ = [
@@ -113,7 +112,7 @@ class ResponseBody:
         self.on_end = on_end or obs.end
         # Iterated after the view returned and the context was reset: every next() runs with
         # the request made current again (end() drops the observation's own reference).
-        self.otel_ctx = obs.otel_context or Context({REQUEST_KEY: obs})
+        self.otel_ctx = obs.otel_context
         self.inner_close: Callable[[], object] | None = getattr(iterable, "close", None)
         try:
             self.iterator: Iterator[bytes] = iter(iterable)
@@ -131,11 +130,11 @@ class ResponseBody:
 
     def __next__(self) -> bytes:
         obs = self.obs
-        token = attach_otel(self.otel_ctx)  # run(next, ...), inlined: once per chunk
+        tokens = self.attach()  # run(next, ...), inlined: once per chunk
         try:
             chunk: bytes = next(self.iterator)
         except BaseException as exc:
-            self.release(token)
+            self.release(tokens)
             if isinstance(exc, StopIteration):
                 self.exhausted = True
                 if not obs.ended:  # else its Content-Length was all sent: ended already
@@ -143,10 +142,7 @@ class ResponseBody:
             elif isinstance(exc, Exception):
                 self.fail(exc)
             raise
-        try:
-            detach_otel(token)
-        except ValueError as exc:  # the body switched contexts under us: nothing to restore
-            report("wsgi.release", exc)
+        self.release(tokens)
         if not obs.ended:
             if not obs.first_byte_ns:
                 obs.first_byte_ns = _time_ns()
@@ -191,19 +187,23 @@ class ResponseBody:
 
         Not in a copy of the view's context: apps that set a context variable in the view and
         reset it while streaming (Flask 2.3's stream_with_context) need the caller's context."""
-        token = attach_otel(self.otel_ctx)
+        tokens = self.attach()
         try:
             return fn(*args)
         finally:
-            self.release(token)
+            self.release(tokens)
 
-    def attach(self) -> Any:
+    def attach(self) -> tuple[Any, Any]:
         """Make the request current again; give the result to ``release``."""
-        return attach_otel(self.otel_ctx)
+        otel_ctx = self.otel_ctx
+        otel_token = attach_otel(otel_ctx) if otel_ctx is not None else None
+        return _request_var.set(self.obs), otel_token
 
-    def release(self, token: Any) -> None:
+    def release(self, tokens: tuple[Any, Any]) -> None:
         try:
-            detach_otel(token)
+            if tokens[1] is not None:
+                detach_otel(tokens[1])
+            _request_var.reset(tokens[0])
         except ValueError as exc:  # the body switched contexts under us: nothing to restore
             report("wsgi.release", exc)
 

@@ -67,33 +67,31 @@ class _Source(Protocol):
     def request_context(self) -> RequestContext: ...
 
 
-# The request being served lives in the OpenTelemetry context, next to its span: one context
-# variable to set and reset per request (and per streamed WSGI chunk), and wherever the
-# OpenTelemetry context is carried (threads, tasks, instrumented executors) the request is too.
-REQUEST_KEY = "langfuse_mw.request"
-get_current_otel: Callable[[], otel_context.Context] = (
-    _OTEL_VAR.get if _OTEL_VAR is not None else otel_context.get_current
+_current: contextvars.ContextVar[RequestContext | _Source | None] = contextvars.ContextVar(
+    "langfuse_mw_request", default=None
 )
 
 
 def get_request_context() -> RequestContext | None:
     """Return the context of the request being served, or None outside a traced request."""
-    value: Any = get_current_otel().get(REQUEST_KEY)
+    value = _current.get()
     if value is None or type(value) is RequestContext:
         return value
-    source: _Source = value
-    return source.request_context()
+    return value.request_context()  # type: ignore[union-attr]
 
 
 def run_with_context(
     ctx: RequestContext, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
 ) -> R:
     """Call ``fn`` with ``ctx`` as the current request (for example in a thread you started)."""
-    token = attach_otel(otel_context.Context({**(ctx.otel_context or {}), REQUEST_KEY: ctx}))
+    token = _current.set(ctx)
+    otel_token = attach_otel(ctx.otel_context) if ctx.otel_context is not None else None
     try:
         return fn(*args, **kwargs)
     finally:
-        detach_otel(token)
+        if otel_token is not None:
+            detach_otel(otel_token)
+        _current.reset(token)
 
 
 def bind_context(fn: Callable[P, R]) -> Callable[P, R]:

@@ -27,7 +27,6 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.baggage import _BAGGAGE_KEY
-from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceState
 from opentelemetry.trace.propagation import _SPAN_KEY
 
@@ -42,7 +41,8 @@ from ._record import (
     exception_attributes,
 )
 from .config import Settings
-from .context import REQUEST_KEY, RequestContext, attach_otel, detach_otel, get_current_otel
+from .context import RequestContext, attach_otel, detach_otel
+from .context import _current as _request_var
 from .headers import clean_id, compile_redactor, is_valid_request_id, new_request_id, redact_query
 from .headers import truncate as _truncate
 from .propagation import (
@@ -382,6 +382,7 @@ class RequestState:
     ended = False
     otel_context: otel_context.Context | None = None
     _otel_token: Any = None
+    _request_token: Any = None
 
     def set_route(self, template: str | None) -> None:
         """Record the matched route template (e.g. ``/items/{item_id}``)."""
@@ -453,38 +454,21 @@ class RequestState:
         return None
 
     def _make_current(self, values: dict[str, object]) -> None:
-        # The request's OTel context (built in one go), holding the request itself.
-        values[REQUEST_KEY] = self
+        # The request's OTel context (built in one go) and the request itself become current.
         ctx = self.otel_context = otel_context.Context(values)
         self._otel_token = attach_otel(ctx)
+        self._request_token = _request_var.set(self)
 
     def detach(self) -> None:
         """Restore the context that was current before ``begin`` (call where begin ran)."""
-        if self.ended:
-            self._let_go()
-        token = self._otel_token
-        if token is not None:
-            self._otel_token = None
-            try:
-                detach_otel(token)
-            except Exception as exc:  # a token from another context: nothing left to restore
-                _failsafe.report("detach", exc)
-
-    def _let_go(self) -> None:
-        # Ended and detached: the context holds the request, so let go of it (and of what
-        # refers back to it), and no cycle outlives the request. Not before: a body still
-        # to stream needs it.
-        self.otel_context = None
-
-    def _own_context(self) -> Context | None:
-        # The request's OTel context: held until detach, then the current one if it is the
-        # request's (a WSGI body that streams after the view returned makes it current).
-        ctx = self.otel_context
-        if ctx is None:
-            current = get_current_otel()
-            if current.get(REQUEST_KEY) is self:
-                ctx = current
-        return ctx
+        try:
+            if self._request_token is not None:
+                _request_var.reset(self._request_token)
+            if self._otel_token is not None:
+                detach_otel(self._otel_token)
+        except Exception as exc:  # a token from another context: nothing left to restore
+            _failsafe.report("detach", exc)
+        self._request_token = self._otel_token = None
 
 
 class SampledOut(RequestState):
@@ -529,13 +513,9 @@ class SampledOut(RequestState):
                 # Most requests: neither failed nor (unless slow) kept.
                 slow = self.tracer._slow_ns
                 if not slow or end_ns - self.start_ns < slow:
-                    if self._otel_token is None:  # detached already
-                        self._let_go()
                     return
             elif self._kept_by(end_ns) is None:
                 self.exception = None  # let go of the traceback
-                if self._otel_token is None:
-                    self._let_go()
                 return
             obs = self._promoted()
             obs.route, obs.status, obs.exception = self.route, self.status, self.exception
@@ -556,14 +536,6 @@ class SampledOut(RequestState):
             obs.disconnected, obs.end_ns, obs.ended = self.disconnected, self.end_ns, True
         return obs._exported_root(route)
 
-    def _let_go(self) -> None:
-        self.otel_context = None
-        obs = self._observation
-        if obs is not None and not obs.ended:
-            # Built for the handler (its request context) and dropped: it and its context
-            # refer to us. Asked again (a failure after the response), it is built anew.
-            self._observation = None
-
     def _promoted(self) -> Observation:
         obs = self._observation
         if obs is None:
@@ -572,7 +544,7 @@ class SampledOut(RequestState):
             incoming, span = self.incoming, self.span_context
             obs = Observation(tracer, self.rt, info, self.request_id, span, incoming.parent, False)
             obs.start_ns = self.start_ns
-            obs.otel_context = self._own_context()
+            obs.otel_context = self.otel_context
             if incoming.parent is not None:
                 obs.claimed = incoming.claims(span.trace_id)
             trusted = tracer.trust.peer_trusted(info.client_ip)
@@ -638,7 +610,7 @@ class Observation(RequestState, SpanRecord):
                 self.session_id,
                 f"{span.trace_id:032x}",
                 f"{span.span_id:016x}",
-                self._own_context(),
+                self.otel_context,
             )
         return ctx
 

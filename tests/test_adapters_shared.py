@@ -501,9 +501,9 @@ def test_a_bad_traceparent_on_a_request_that_may_be_dropped_starts_a_new_trace(
 def test_a_dropped_request_leaves_nothing_to_the_garbage_collector(
     langfuse_capture: LangfuseCapture, adapter: Adapter
 ) -> None:
-    # The request's state and its OpenTelemetry context refer to each other while the
-    # request runs (and while its body streams); once it is over nothing may keep them alive
-    # (a cycle waits for the collector, and a dropped request must cost next to nothing).
+    # Once a dropped request is over nothing may keep its state alive (a cycle waits for the
+    # collector, and a dropped request must cost next to nothing): not the framework's
+    # request, which the state can read, nor a request context the handler asked for.
     call = traced(adapter, sample_rate=0.0)
     assert call("/hello").status == 200  # the framework's own first-request set-up
     gc.collect()

@@ -16,7 +16,7 @@ from opentelemetry import trace as otel_trace
 
 import langfuse_mw
 from langfuse_mw import LangfuseMiddleware, get_request_context, health
-from langfuse_mw.context import REQUEST_KEY, get_current_otel
+from langfuse_mw.context import _current as current_request
 from langfuse_mw.testing import LangfuseCapture
 from tests import apps
 from tests.asgi_driver import call, lifespan, websocket
@@ -568,13 +568,12 @@ async def test_duplicated_headers_are_joined_not_trusted(
 async def test_a_dropped_request_leaves_nothing_to_the_garbage_collector(
     langfuse_capture: LangfuseCapture,
 ) -> None:
-    # The request's state and its OpenTelemetry context refer to each other while the
-    # request runs; once it is over nothing may keep them (a cycle would wait for the
+    # Once a dropped request is over nothing may keep its state (a cycle would wait for the
     # collector, and a dropped request must cost next to nothing).
     seen: list[Any] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        seen.append(weakref.ref(get_current_otel()[REQUEST_KEY]))
+        seen.append(weakref.ref(current_request.get()))  # type: ignore[arg-type]
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
