@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -68,3 +69,19 @@ class Server:
             self.process.wait(5)
         self._log_file.close()
         self.log.unlink(missing_ok=True)
+
+
+def wait_for(receiver: Any, count: int, timeout: float = 15.0) -> list[dict[str, object]]:
+    """The receiver's spans once ``count`` arrived (readiness probes aside), or at the deadline.
+
+    A server's last export can still be in the receiver's hands when the server has exited
+    (its shutdown deadline passed while waiting for the reply, on a loaded machine).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spans: list[dict[str, object]] = receiver.received_spans()
+        # Readiness probes (/hello) vary in number: they do not count.
+        if sum(not str(s["name"]).endswith("hello") for s in spans) >= count:
+            return spans
+        time.sleep(0.1)
+    return list(receiver.received_spans())

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from langfuse_mw.devserver import DevServer
-from tests.servers import Server, free_port
+from tests.servers import Server, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,7 @@ def test_sigterm_right_after_a_burst_loses_no_span(receiver: DevServer, workers:
         assert code in (0, -signal.SIGTERM), server.output()
     finally:
         server.close()
-    spans = receiver.received_spans()
+    spans = wait_for(receiver, 400)
     roots = [s for s in spans if s["name"] == "GET /items/{item_id}"]
     children = [s for s in spans if s["name"] == "llm"]
     assert len(roots) == 200 and len(children) == 200
@@ -128,7 +128,7 @@ def test_an_unhandled_exception_under_uvicorn_is_starlettes_500_with_the_request
         assert (response.status_code, response.text) == (500, "Internal Server Error")
         assert response.headers.get_list("x-request-id") == [f"err-{i}"]
     generated_id = generated.headers["x-request-id"]
-    roots = [s for s in receiver.received_spans() if s["name"] == "GET /boom"]
+    roots = [s for s in wait_for(receiver, 3) if s["name"] == "GET /boom"]
     assert sorted(r["attributes"]["langfuse.observation.metadata.requestId"] for r in roots) == [
         f'"{generated_id}"', '"err-1"', '"err-2"',
     ]  # fmt: skip

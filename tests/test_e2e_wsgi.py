@@ -4,7 +4,6 @@ real OTLP/HTTP to the local receiver; what it received is what Langfuse would ha
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from langfuse_mw.devserver import DevServer
-from tests.servers import Server, free_port
+from tests.servers import Server, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -105,17 +104,6 @@ def start(receiver: DevServer) -> Iterator[object]:
     yield starter
     for server in servers:  # always: killed if still running, log removed
         server.close()
-
-
-def wait_for(receiver: DevServer, count: int, timeout: float = 15.0) -> list[dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        spans = receiver.received_spans()
-        # Readiness probes (/hello) vary in number: they do not count.
-        if sum(not str(s["name"]).endswith("hello") for s in spans) >= count:
-            return spans
-        time.sleep(0.1)
-    return receiver.received_spans()
 
 
 async def burst(url: str, n: int) -> list[httpx.Response]:
