@@ -469,6 +469,8 @@ class RequestState:
         except Exception as exc:  # a token from another context: nothing left to restore
             _failsafe.report("detach", exc)
         self._request_token = self._otel_token = None
+        if self.ended:
+            self.otel_context = None  # ended and detached: see Observation._release
 
 
 class SampledOut(RequestState):
@@ -604,13 +606,18 @@ class Observation(RequestState, SpanRecord):
         if ctx is None:
             self._identities()
             span = self.span_context
+            otel = self.otel_context
+            if otel is None:
+                # Asked for after the request let go of its context (a late close callback):
+                # work run with it still nests under the request's observation.
+                otel = otel_context.Context({_SPAN_KEY: NonRecordingSpan(span)})
             ctx = self._request_context = RequestContext(
                 self.request_id,
                 self.user_id,
                 self.session_id,
                 f"{span.trace_id:032x}",
                 f"{span.span_id:016x}",
-                self.otel_context,
+                otel,
             )
         return ctx
 
@@ -683,7 +690,9 @@ class Observation(RequestState, SpanRecord):
         # Only what the export needs stays referenced while the span waits in the queue
         # (fewer live objects for the garbage collector to walk).
         self.info.raw = None
-        if self.otel_context is not None:
+        if self._request_token is None:
+            # Detached: nobody reaches the request any more. Until then (a BackgroundTask
+            # after the last byte) its context stays, for a request context asked for there.
             self.otel_context = None
         if self._request_context is not None:
             self._request_context = None

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import logging
+import threading
 import time
 import weakref
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from opentelemetry import trace as otel_trace
 
 import langfuse_mw
-from langfuse_mw import LangfuseMiddleware, get_request_context, health
+from langfuse_mw import LangfuseMiddleware, get_request_context, health, run_with_context
 from langfuse_mw.context import _current as current_request
 from langfuse_mw.testing import LangfuseCapture
 from tests import apps
@@ -275,6 +276,36 @@ async def test_starlettes_500_echo_follows_the_request(
         root = langfuse_capture.single(name=f"GET {path}")
         assert echoed == [root["metadata"]["requestId"]]
         assert root["level"] == "ERROR"
+
+
+async def test_a_request_context_taken_in_a_background_task_still_nests_work_in_a_thread(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory
+) -> None:
+    # The response is complete (the request's observation has ended) when a BackgroundTask
+    # first asks for the request context and hands work to a thread with it: that work is
+    # still the request's, not a trace of its own.
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse
+
+    def after() -> None:
+        ctx = get_request_context()
+        assert ctx is not None
+        worker = threading.Thread(target=run_with_context, args=(ctx, apps.llm_call, "later"))
+        worker.start()
+        worker.join()
+
+    async def handler(request: Any) -> Any:
+        return PlainTextResponse("ok", background=BackgroundTask(after))
+
+    app = apps.build("starlette")
+    app.router.routes.insert(0, apps.Route("/bg", handler))
+    app.add_middleware(LangfuseMiddleware)
+    response = await make_client(app).get("/bg", headers={"x-user-id": "user-1"})
+    assert response.status_code == 200
+    root = langfuse_capture.single(name="GET /bg")
+    llm = langfuse_capture.single(name="llm")
+    assert (llm["trace_id"], llm["parent_span_id"]) == (root["trace_id"], root["span_id"])
+    assert llm["user_id"] == root["user_id"] == "user-1"  # the request's whole context
 
 
 @framework

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -216,3 +217,39 @@ def test_per_app_connection_options_that_cannot_apply_are_said_once(
     assert len(lines) == 1
     assert "public_key, secret_key, environment" in lines[0]
     assert "sk-lf-other-secret" not in caplog.text
+
+
+def test_a_request_context_taken_after_the_response_still_nests_work_in_a_thread(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # A close callback runs once the body was sent: the request's observation has ended and
+    # let go of its context. A request context first asked for there, handed to a thread,
+    # still nests that thread's work under the request.
+    from flask import Response
+
+    from langfuse_mw import get_request_context, run_with_context
+    from tests.apps import llm_call
+
+    app = Flask("late-context")
+
+    @app.get("/late")
+    def late() -> Any:
+        response = Response(iter([b"o", b"k"]), mimetype="text/plain")
+
+        @response.call_on_close
+        def hand_over() -> None:
+            ctx = get_request_context()
+            assert ctx is not None
+            worker = threading.Thread(target=run_with_context, args=(ctx, llm_call, "later"))
+            worker.start()
+            worker.join()
+
+        return response
+
+    LangfuseFlask(app)
+    response = app.test_client().get("/late")
+    assert response.data == b"ok"
+    response.close()
+    root = langfuse_capture.single(name="GET /late")
+    llm = langfuse_capture.single(name="llm")
+    assert (llm["trace_id"], llm["parent_span_id"]) == (root["trace_id"], root["span_id"])
