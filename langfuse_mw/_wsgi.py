@@ -136,9 +136,7 @@ class ResponseBody:
         except BaseException as exc:
             self.release(tokens)
             if isinstance(exc, StopIteration):
-                self.exhausted = True
-                if not obs.ended:  # else its Content-Length was all sent: ended already
-                    self.finish()
+                self.complete()
             elif isinstance(exc, Exception):
                 self.fail(exc)
             raise
@@ -209,7 +207,8 @@ class ResponseBody:
 
     def complete(self) -> None:
         self.exhausted = True
-        self.finish()
+        if not self.obs.ended:  # else its Content-Length was all sent: ended already
+            self.finish()
 
     def fail(self, exc: BaseException) -> None:
         obs = self.obs

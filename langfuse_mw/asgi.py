@@ -135,6 +135,7 @@ class LangfuseMiddleware:
         wanted = self.tracer.header_keys
         headers: dict[str, str] = {}
         repeated: dict[str, list[str]] = {}
+        # _joined's work, decoding and renaming as it goes (this runs for every traced request).
         for name, value in scope.get("headers") or ():
             key = wanted.get(name)
             if key is not None:
@@ -243,7 +244,7 @@ class _Exchange:
             # An error handler's answer is followed by its exception (Starlette re-raises
             # it): end when the app returns, with this time, so that it is recorded too.
             if self._answering is None and not obs.ended:
-                obs.end(self._completed_ns, self._route)
+                obs.end(self._completed_ns, self._route)  # finish(), without its call
 
     async def receive(self) -> Message:
         if self._disconnect is not None:

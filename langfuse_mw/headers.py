@@ -92,12 +92,13 @@ def redact_query(query: str, matcher: re.Pattern[str] | None) -> str:
     """
     if not query or matcher is None:
         return truncate(query)
+    # With ";" the separators are kept as parts of their own, to rebuild the query as it was.
     parts = _PAIRS.split(query) if ";" in query else query.split("&")
     for index, part in enumerate(parts):
         key, sep, _ = part.partition("=")
         if is_secret_key(key, matcher):
             parts[index] = f"{key}={REDACTED}" if sep else f"{key}"
-    return truncate("".join(parts) if ";" in query else "&".join(parts))
+    return truncate(("" if ";" in query else "&").join(parts))
 
 
 def query_pairs(query: str) -> list[str]:
