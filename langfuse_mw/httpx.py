@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 try:
     import httpx
@@ -66,6 +66,7 @@ class TracingTransport(httpx.BaseTransport):
             call.finish(response.status_code)
         else:
             response.stream = _SyncStream(response.stream, call, response.status_code)
+            _watch_decoding(response, call)
         return response
 
     def close(self) -> None:
@@ -99,6 +100,7 @@ class AsyncTracingTransport(httpx.AsyncBaseTransport):
             call.finish(response.status_code)
         else:
             response.stream = _AsyncStream(response.stream, call, response.status_code)
+            _watch_decoding(response, call)
         return response
 
     async def aclose(self) -> None:
@@ -148,6 +150,49 @@ class _AsyncStream(httpx.AsyncByteStream):
             await self._stream.aclose()
         finally:
             self._call.finish(self._status)
+
+
+class _ContentDecoder(Protocol):
+    def decode(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+def _watch_decoding(response: httpx.Response, call: OutboundCall) -> None:
+    # httpx undoes Content-Encoding in the Response, above the transport: a body that does not
+    # decode fails there, after our stream handed on its bytes, and the response is then
+    # closed as if all went well. The response's own decoder is wrapped to see the failure.
+    if "content-encoding" not in response.headers:
+        return  # nothing to decode: the identity decoder never fails
+    try:
+        get_decoder = getattr(response, "_get_content_decoder", None)
+        if get_decoder is not None:  # httpx's own (private) hook; without it, unrecorded
+            decoder = _Decoder(get_decoder(), call, response.status_code)
+            response._decoder = decoder  # type: ignore[assignment]
+    except Exception as exc:
+        report("httpx.decoder", exc)
+
+
+class _Decoder:
+    """Stands in for a response's content decoder: a failure to decode fails the call."""
+
+    __slots__ = ("_call", "_decoder", "_status")
+
+    def __init__(self, decoder: _ContentDecoder, call: OutboundCall, status: int) -> None:
+        self._decoder, self._call, self._status = decoder, call, status
+
+    def decode(self, data: bytes) -> bytes:
+        try:
+            return self._decoder.decode(data)
+        except BaseException as exc:  # httpx.DecodingError, raised to the app unchanged
+            self._call.finish(self._status, exc)
+            raise
+
+    def flush(self) -> bytes:
+        try:
+            return self._decoder.flush()
+        except BaseException as exc:
+            self._call.finish(self._status, exc)
+            raise
 
 
 class TracedClient(httpx.Client):

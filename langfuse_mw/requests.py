@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 try:
@@ -123,17 +124,21 @@ def _end_with_body(response: requests.Response, call: OutboundCall) -> None:
     watch = _BodyWatch(call, response.status_code, raw)
     try:
         raw.read, raw.release_conn, raw.close = watch.read, watch.release_conn, watch.close
+        if hasattr(kind, "read_chunked"):  # what urllib3 reads a chunked body with
+            raw.read_chunked = watch.read_chunked
         weakref.finalize(raw, call.finish, response.status_code).atexit = False
     except (AttributeError, TypeError):  # a raw body that takes no attributes or weakrefs
         call.finish(response.status_code)
 
 
 class _BodyWatch:
-    """Stands in for the urllib3 response's ``read``, ``release_conn`` and ``close``.
+    """Stands in for the urllib3 response's ``read``, ``read_chunked``, ``release_conn`` and
+    ``close``.
 
-    urllib3 gives the connection back from inside ``read`` when the body ends, and also when
-    reading it failed, before the error reaches the caller: inside a read, the end waits for
-    the read's outcome. Holds the response weakly: no cycle keeps an unread body alive.
+    urllib3 gives the connection back from inside ``read`` (or ``read_chunked``, for a chunked
+    body) when the body ends, and also when reading it failed, before the error reaches the
+    caller: inside a read, the end waits for the read's outcome. Holds the response weakly: no
+    cycle keeps an unread body alive.
     """
 
     __slots__ = ("call", "raw", "reading", "released", "status")
@@ -147,28 +152,54 @@ class _BodyWatch:
         raw: Any = self.raw()
         self.reading += 1
         try:
-            data = type(raw).read(raw, *args, **kwargs)
+            return type(raw).read(raw, *args, **kwargs)
         except BaseException as exc:
-            self.reading -= 1
             self.call.finish(self.status, exc)  # the body failed (a timeout, a reset, gzip)
             raise
-        self.reading -= 1
-        if self.released and not self.reading:
-            self.call.finish(self.status)
-        return data
+        finally:
+            self._read_done()
+
+    def read_chunked(self, *args: Any, **kwargs: Any) -> Iterator[bytes]:
+        raw: Any = self.raw()
+        chunks = type(raw).read_chunked(raw, *args, **kwargs)
+        # Reading is each step, not the pause between two: a reader that stops after a chunk
+        # and closes the response ends the call there.
+        with contextlib.closing(chunks):
+            while True:
+                self.reading += 1
+                try:
+                    chunk = next(chunks, None)
+                except BaseException as exc:
+                    self.call.finish(self.status, exc)
+                    raise
+                finally:
+                    self._read_done()
+                if chunk is None:
+                    return
+                yield chunk
 
     def release_conn(self) -> None:
         raw: Any = self.raw()
         try:
             type(raw).release_conn(raw)
         finally:
-            self.released = True
-            if not self.reading:
-                self.call.finish(self.status)
+            self._released()
 
     def close(self) -> None:
+        # urllib3 also closes the response from inside a read that then fails (a chunk
+        # length that never came).
         raw: Any = self.raw()
         try:
             type(raw).close(raw)
         finally:
+            self._released()
+
+    def _read_done(self) -> None:
+        self.reading -= 1
+        if self.released and not self.reading:
+            self.call.finish(self.status)
+
+    def _released(self) -> None:
+        self.released = True
+        if not self.reading:
             self.call.finish(self.status)

@@ -1,11 +1,17 @@
-"""TracedClient / AsyncTracedClient and the wrapping transports, against httpx.MockTransport."""
+"""TracedClient / AsyncTracedClient and the wrapping transports, against httpx.MockTransport
+and, where the body matters, a real HTTP server on 127.0.0.1 (``Target``, shared with
+test_requests)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
+import gzip
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -24,6 +30,7 @@ from langfuse_mw.testing import LangfuseCapture
 pytestmark = pytest.mark.anyio
 
 ID_HEADERS = ("baggage", "x-request-id")
+GZIP_TEXT = b"hello " * 100
 
 
 class Recorder:
@@ -39,6 +46,90 @@ class Recorder:
         if self.redirect_to and len(self.requests) == 1:
             return httpx.Response(302, headers={"location": self.redirect_to})
         return httpx.Response(self.status, text="ok")
+
+
+class Target:
+    """A real HTTP server that records the headers of every request it gets."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, str]] = []
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.do_GET()
+
+            def do_GET(self) -> None:
+                target.received.append({k.lower(): v for k, v in self.headers.items()})
+                path, _, query = self.path.partition("?")
+                if path == "/redirect":
+                    self.answer(302, b"", [("Location", query.removeprefix("to="))])
+                elif path.startswith("/status/"):
+                    self.answer(int(path.rsplit("/", 1)[1]), b"status")
+                elif path == "/stream":
+                    self.stream([b"a", b"b", b"c"], delay=0.1)
+                elif path == "/bad-gzip-trailer":
+                    # Decodes to GZIP_TEXT, then the trailer's checksum is wrong: its own chunk.
+                    whole = gzip.compress(GZIP_TEXT)
+                    trailer = bytes([whole[-8] ^ 0xFF]) + whole[-7:]
+                    self.stream([whole[:-8], trailer], [("Content-Encoding", "gzip")])
+                elif path == "/bad-gzip":
+                    self.answer(200, b"not gzip at all" * 10, [("Content-Encoding", "gzip")])
+                elif path == "/broken":
+                    # Announces 100 bytes, sends 5 and hangs up.
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b"short")
+                    self.close_connection = True
+                elif path == "/broken-chunked":
+                    # One chunk, and it hangs up before the last one.
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"1\r\na\r\n")
+                    self.close_connection = True
+                else:
+                    self.answer(200, b"ok")
+
+            def answer(self, code: int, body: bytes, headers: Any = ()) -> None:
+                self.send_response(code)
+                for name, value in headers:
+                    self.send_header(name, value)
+                if code not in (204, 304):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD" and code not in (204, 304):
+                    self.wfile.write(body)
+
+            def stream(self, chunks: Any, headers: Any = (), delay: float = 0.0) -> None:
+                self.send_response(200)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for chunk in chunks:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                    time.sleep(delay)
+                self.wfile.write(b"0\r\n\r\n")
+
+        class Quiet(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that closed a stream early: expected here
+
+        self.server = Quiet(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def assert_call_context(sent: Any, root: dict[str, Any], call: dict[str, Any]) -> None:
@@ -482,3 +573,67 @@ async def test_a_transport_that_already_traces_is_not_wrapped_again(
         client.get("http://x/once")
     assert len(langfuse_capture.spans(name="GET inventory/once")) == 1
     assert len(langfuse_capture.spans(name="GET x/once")) == 1
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    server = Target()
+    yield server
+    server.close()
+
+
+async def read_body(client_kind: str, url: str, stream: bool) -> tuple[bytes, BaseException]:
+    """GET ``url`` and read its body, which must fail: (the bytes the app got, the error)."""
+    got = bytearray()
+    try:
+        if client_kind == "sync":
+            with TracedClient() as client:
+                if not stream:
+                    client.get(url)
+                with client.stream("GET", url) as response:
+                    for chunk in response.iter_bytes():
+                        got += chunk
+        else:
+            async with AsyncTracedClient() as client:
+                if not stream:
+                    await client.get(url)
+                async with client.stream("GET", url) as response:
+                    async for chunk in response.aiter_bytes():
+                        got += chunk
+    except httpx.HTTPError as exc:
+        return bytes(got), exc
+    raise AssertionError("the body was read without an error")
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+@pytest.mark.parametrize("stream", [False, True], ids=["read", "stream"])
+@pytest.mark.parametrize(
+    ("path", "streamed", "error_type"),
+    [
+        pytest.param("/bad-gzip", b"", httpx.DecodingError, id="bad-gzip"),
+        pytest.param("/bad-gzip-trailer", GZIP_TEXT, httpx.DecodingError, id="bad-gzip-trailer"),
+        pytest.param("/broken-chunked", b"a", httpx.RemoteProtocolError, id="broken-chunked"),
+    ],
+)
+async def test_a_body_that_breaks_off_or_does_not_decode_fails_the_call(
+    langfuse_capture: LangfuseCapture,
+    target: Target,
+    client_kind: str,
+    stream: bool,
+    path: str,
+    streamed: bytes,
+    error_type: type[httpx.HTTPError],
+) -> None:
+    # httpx undoes Content-Encoding in the Response, above the transport: there the raw bytes
+    # arrived whole, and the call failed all the same, as when the body breaks off.
+    with in_request():
+        got, error = await read_body(client_kind, target.url + path, stream)
+    assert type(error) is error_type  # the app's exception, unchanged
+    assert got == (streamed if stream else b"")  # what arrived before the failure, handed on
+    call = langfuse_capture.single(name=f"GET 127.0.0.1{path}")  # ended once
+    assert call["output"] == {"statusCode": 200}
+    assert call["level"] == "ERROR"
+    assert call["status_message"] == f"{error_type.__name__}: {error}"
+    (event,) = call["events"]
+    assert event["attributes"]["exception.type"] == f"httpx.{error_type.__name__}"
+    assert event["attributes"]["exception.message"] == str(error)

@@ -4,90 +4,18 @@ from __future__ import annotations
 
 import gc
 import pickle
-import threading
-import time
 import warnings
 import weakref
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import requests
+from requests.exceptions import ChunkedEncodingError, ContentDecodingError
 
 from langfuse_mw.requests import TracedSession, TracingAdapter
 from langfuse_mw.testing import LangfuseCapture
-from tests.test_httpx import ID_HEADERS, assert_call_context, in_request
-
-
-class Target:
-    """A real HTTP server that records the headers of every request it gets."""
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, str]] = []
-        target = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self.do_GET()
-
-            def do_GET(self) -> None:
-                target.received.append({k.lower(): v for k, v in self.headers.items()})
-                path, _, query = self.path.partition("?")
-                if path == "/redirect":
-                    self.answer(302, b"", [("Location", query.removeprefix("to="))])
-                elif path.startswith("/status/"):
-                    self.answer(int(path.rsplit("/", 1)[1]), b"status")
-                elif path == "/stream":
-                    self.stream()
-                elif path == "/bad-gzip":
-                    self.answer(200, b"not gzip at all" * 10, [("Content-Encoding", "gzip")])
-                elif path == "/broken":
-                    # Announces 100 bytes, sends 5 and hangs up.
-                    self.send_response(200)
-                    self.send_header("Content-Length", "100")
-                    self.end_headers()
-                    self.wfile.write(b"short")
-                    self.close_connection = True
-                else:
-                    self.answer(200, b"ok")
-
-            def answer(self, code: int, body: bytes, headers: Any = ()) -> None:
-                self.send_response(code)
-                for name, value in headers:
-                    self.send_header(name, value)
-                if code not in (204, 304):
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD" and code not in (204, 304):
-                    self.wfile.write(body)
-
-            def stream(self) -> None:
-                self.send_response(200)
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                for chunk in (b"a", b"b", b"c"):
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    self.wfile.flush()
-                    time.sleep(0.1)
-                self.wfile.write(b"0\r\n\r\n")
-
-        class Quiet(ThreadingHTTPServer):
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a client that closed a stream early: expected here
-
-        self.server = Quiet(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from tests.test_httpx import GZIP_TEXT, ID_HEADERS, Target, assert_call_context, in_request
 
 
 @pytest.fixture
@@ -360,17 +288,42 @@ def test_a_call_made_while_the_app_handles_an_exception_is_not_an_error(
     assert call["level"] == "DEFAULT" and call["status_message"] is None and not call["events"]
 
 
-def test_a_body_that_does_not_decode_fails_the_call(
-    langfuse_capture: LangfuseCapture, target: Target
+@pytest.mark.parametrize("stream", [False, True], ids=["read", "stream"])
+@pytest.mark.parametrize(
+    ("path", "streamed", "error_type", "cause"),
+    [
+        ("/bad-gzip", b"", ContentDecodingError, "DecodeError"),
+        ("/bad-gzip-trailer", GZIP_TEXT, ContentDecodingError, "DecodeError"),
+        ("/broken-chunked", b"a", ChunkedEncodingError, "ProtocolError"),
+    ],
+    ids=["bad-gzip", "bad-gzip-trailer", "broken-chunked"],
+)
+def test_a_body_that_breaks_off_or_does_not_decode_fails_the_call(
+    langfuse_capture: LangfuseCapture,
+    target: Target,
+    stream: bool,
+    path: str,
+    streamed: bytes,
+    error_type: type[requests.RequestException],
+    cause: str,
 ) -> None:
+    # urllib3 reads a chunked body through read_chunked and gives the connection back before
+    # the error reaches the caller, as read does.
+    got = bytearray()
     with (
         in_request(),
         TracedSession() as session,
-        pytest.raises(requests.exceptions.ContentDecodingError),
+        pytest.raises(error_type),
+        session.get(target.url + path, stream=stream) as response,
     ):
-        session.get(f"{target.url}/bad-gzip")
+        for chunk in response.iter_content(None):
+            got += chunk
+    assert got == (streamed if stream else b"")
     (call,) = calls(langfuse_capture)
-    assert call["level"] == "ERROR" and "DecodeError" in call["status_message"]
+    assert call["output"] == {"statusCode": 200}
+    assert call["level"] == "ERROR" and call["status_message"].startswith(f"{cause}: ")
+    (event,) = call["events"]
+    assert event["attributes"]["exception.type"] == f"urllib3.exceptions.{cause}"
 
 
 def test_a_body_never_read_is_recorded_and_freed_as_without_tracing(
