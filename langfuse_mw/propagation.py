@@ -1,7 +1,8 @@
 """Incoming W3C trace context and baggage, read through OpenTelemetry's propagators.
 
 Parsing is the propagators' job; this module adds what the W3C specs require and they do not
-enforce (a repeated ``traceparent`` is invalid; baggage over 8192 bytes or 180 members is
+enforce (a repeated ``traceparent`` is invalid; a ``tracestate`` is passed on with at most 512
+characters, whole entries cut as Trace Context says; baggage over 8192 bytes or 180 members is
 ignored whole rather than truncated), keeps header content out of the logs, and applies the
 trust policy: ``continue``, ``link`` or ``ignore``.
 """
@@ -28,6 +29,13 @@ from . import _failsafe
 __all__ = ["Incoming", "TrustPolicy", "baggage_entries", "plain_parent", "read_incoming"]
 
 MAX_TRACEPARENT = 512
+# W3C Trace Context, "tracestate Limits": vendors SHOULD propagate at least 512 characters of
+# the combined header; to cut, whole entries go, those over 128 characters first, then from
+# the end. We pass on at most that much.
+MAX_TRACESTATE = 512
+MAX_TRACESTATE_ENTRY = 128
+MAX_TRACESTATE_MEMBERS = 32
+MAX_TRACESTATE_HEADER = 8192  # OpenTelemetry's propagator ignores a longer one whole
 MAX_BAGGAGE_BYTES = 8192
 MAX_BAGGAGE_MEMBERS = 180
 LANGFUSE_PREFIX = "langfuse_"
@@ -166,20 +174,59 @@ def plain_parent(traceparent: str, tracestate: str | None) -> SpanContext | None
 
 
 def _trace_state(tracestate: str) -> TraceState:
-    return _quietly(TraceState.from_header, [tracestate])
+    if len(tracestate) <= MAX_TRACESTATE:  # nearly every header: fits as it came
+        return _quietly(TraceState.from_header, [tracestate])
+    return _long_trace_state(tracestate)
+
+
+# A list member: from its first character that is not whitespace up to the next comma.
+_TRACESTATE_MEMBER = re.compile(r"[^, \t][^,]*")
+
+
+def _long_trace_state(tracestate: str) -> TraceState:
+    if len(tracestate) > MAX_TRACESTATE_HEADER:
+        return DEFAULT_TRACE_STATE
+    # OpenTelemetry's parser runs Python code for every comma-separated piece, empty or not
+    # (~1 ms for 8 kB of short members); one scan in C finds the members, and a 33rd makes
+    # the list invalid (as OpenTelemetry rules) before any of them is parsed.
+    members: list[str] = []
+    for match in _TRACESTATE_MEMBER.finditer(tracestate):
+        if len(members) == MAX_TRACESTATE_MEMBERS:
+            return DEFAULT_TRACE_STATE
+        members.append(match[0])
+    state = _quietly(TraceState.from_header, [",".join(members)])
+    pairs = list(state.items())
+    sizes = [len(key) + 1 + len(value) for key, value in pairs]
+    excess = sum(sizes) + len(sizes) - 1 - MAX_TRACESTATE  # with the commas between
+    if excess <= 0:
+        return state  # the header's own whitespace and empty members made it long
+    kept = [True] * len(pairs)
+    for large_only in (True, False):  # entries over 128 characters first, then any
+        for index in reversed(range(len(pairs))):  # each time from the end
+            if excess <= 0:
+                break
+            if kept[index] and (sizes[index] > MAX_TRACESTATE_ENTRY or not large_only):
+                kept[index] = False
+                excess -= sizes[index] + 1
+    return TraceState([pair for pair, keep in zip(pairs, kept, strict=True) if keep])
 
 
 def _propagator_parent(traceparent: str, headers: Mapping[str, str]) -> SpanContext | None:
     carrier = {"traceparent": traceparent}
-    tracestate = headers.get("tracestate")
-    if tracestate is not None:
-        carrier["tracestate"] = tracestate
     parent = otel_trace.get_current_span(_quietly(_tracecontext.extract, carrier, Context()))
     span_context = parent.get_span_context()
     if not span_context.is_valid:
         _failsafe.reject("traceparent")
         return None
-    return span_context
+    tracestate = headers.get("tracestate")
+    if tracestate is None:
+        return span_context
+    # The tracestate is read as with a plain traceparent (the propagator's own reading is
+    # the same up to 512 characters, and does not cut a longer one).
+    return SpanContext(
+        span_context.trace_id, span_context.span_id, True, span_context.trace_flags,
+        _trace_state(tracestate),
+    )  # fmt: skip
 
 
 def baggage_entries(raw: str | None) -> dict[str, str]:
