@@ -78,9 +78,16 @@ class _FlaskMiddleware(LangfuseWSGIMiddleware):
     def route(self, environ: Environ) -> str | None:
         # Flask's request, alive while the app answers (Flask clears this key at teardown).
         req = environ.get("werkzeug.request")
+        if req is None:
+            return None
+        # Any werkzeug request sets that key; only Flask's has a rule.
         rule = getattr(req, "url_rule", None)
         if rule is not None:
-            return str(rule.rule)
+            # Rules are relative to where the app is mounted (SCRIPT_NAME: werkzeug's
+            # DispatcherMiddleware, a server's prefix); the observation's path is not.
+            # root_path is the SCRIPT_NAME this app saw, its latin-1 bytes decoded as UTF-8
+            # (as request_path does), without a trailing slash.
+            return f"{req.root_path}{rule.rule}"
         error = getattr(req, "routing_exception", None)
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             # The path matched a rule, the method did not: name it after that rule.
@@ -88,7 +95,7 @@ class _FlaskMiddleware(LangfuseWSGIMiddleware):
                 adapter = self.url_map.bind_to_environ(environ)
                 method = next(iter(error.valid_methods))
                 matched, _ = adapter.match(method=method, return_rule=True)
-                return str(matched.rule)
+                return f"{req.root_path}{matched.rule}"
             except Exception:
                 return None
         return None

@@ -198,9 +198,11 @@ class _Exchange:
             report("wsgi.route", exc)
 
     def note(self, exc: BaseException) -> None:
-        """An exception the framework handled; recorded if its response is a 5xx."""
-        if self.noted is None:
-            self.noted = exc
+        """An exception the framework handled; recorded if its response is a 5xx.
+
+        The last one wins: an error handler that raises is what made the 500 (the exception
+        it was handling is its ``__context__``, in the recorded stack trace)."""
+        self.noted = exc
         if self.obs.route is None:
             self.capture_route()
 

@@ -123,6 +123,30 @@ def test_errorhandler_responses_record_the_exception_only_when_5xx(
     assert (root["level"], root["status_message"]) == (level, message)
 
 
+def test_an_errorhandler_that_raises_is_the_recorded_error(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # The handler's own exception made the 500; the one it handled is in its stack trace.
+    app = flask_app.build()
+
+    @app.get("/lookup")
+    def lookup() -> Any:
+        raise LookupError("missing")
+
+    @app.errorhandler(LookupError)
+    def handle(error: Exception) -> Any:
+        raise ValueError("the handler broke")
+
+    LangfuseFlask(app)
+    assert app.test_client().get("/lookup").status_code == 500
+    root = langfuse_capture.single(name="GET /lookup")
+    assert (root["level"], root["status_message"]) == ("ERROR", "ValueError: the handler broke")
+    [event] = root["events"]
+    stack = event["attributes"]["exception.stacktrace"]
+    assert "LookupError: missing" in stack
+    assert "During handling of the above exception" in stack
+
+
 def test_custom_500_page_keeps_the_original_exception(langfuse_capture: LangfuseCapture) -> None:
     app = flask_app.build()
 
@@ -253,3 +277,93 @@ def test_a_request_context_taken_after_the_response_still_nests_work_in_a_thread
     root = langfuse_capture.single(name="GET /late")
     llm = langfuse_capture.single(name="llm")
     assert (llm["trace_id"], llm["parent_span_id"]) == (root["trace_id"], root["span_id"])
+
+
+def mounted(layout: str) -> Any:
+    """The shared app (as ``/api/...``, or ``/v1/api/...``) behind werkzeug's dispatcher."""
+    from werkzeug.exceptions import NotFound
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    from langfuse_mw.wsgi import LangfuseWSGIMiddleware
+
+    api = flask_app.build()
+    if layout.startswith("flask-docs"):
+        # Flask's "Application Dispatching" recipe: the traced front app hands /api to
+        # another; the name comes from the request the mounted app made.
+        if layout == "flask-docs-both":
+            LangfuseFlask(api)
+        front = Flask("front")
+        front.wsgi_app = DispatcherMiddleware(front.wsgi_app, {"/api": api})  # type: ignore[method-assign]
+        LangfuseFlask(front)
+        return front
+    LangfuseFlask(api)
+    app: Any = DispatcherMiddleware(NotFound(), {"/api": api})
+    if layout == "nested":
+        app = DispatcherMiddleware(NotFound(), {"/v1": app})
+    if layout == "wsgi-outside":
+        # One observation: the outer middleware's, named by the extension inside.
+        app = LangfuseWSGIMiddleware(app)
+    return app
+
+
+@pytest.mark.parametrize(
+    "layout", ["extension", "nested", "wsgi-outside", "flask-docs", "flask-docs-both"]
+)
+def test_an_app_mounted_by_the_dispatcher_is_named_with_its_mount_point(
+    langfuse_capture: LangfuseCapture, layout: str
+) -> None:
+    from werkzeug.test import Client
+
+    prefix = "/v1/api" if layout == "nested" else "/api"
+    client = Client(mounted(layout))
+    assert client.get(f"{prefix}/items/7").status_code == 200
+    assert client.get(f"{prefix}/only-post").status_code == 405
+    assert client.get(f"{prefix}/nowhere/7").status_code == 404
+    roots = {s["input"]["path"]: s for s in langfuse_capture.roots()}
+    assert len(langfuse_capture.roots()) == 3  # one observation per request
+    expected = {
+        f"{prefix}/items/7": (f"GET {prefix}/items/<int:item_id>", f"{prefix}/items/<int:item_id>"),
+        f"{prefix}/only-post": (f"GET {prefix}/only-post", f"{prefix}/only-post"),
+        f"{prefix}/nowhere/7": ("GET <unmatched>", "<unmatched>"),
+    }
+    if layout == "flask-docs":
+        # A 405 is named from the traced app's own url_map, which lacks the mounted app's
+        # rules (docs/flask.md, Limitations: register the extension on the mounted app too).
+        expected[f"{prefix}/only-post"] = ("GET <unmatched>", "<unmatched>")
+    assert {path: (s["name"], s["metadata"]["route"]) for path, s in roots.items()} == expected
+    assert roots[f"{prefix}/items/7"]["trace_name"] == f"GET {prefix}/items/<int:item_id>"
+
+
+@pytest.mark.parametrize(
+    ("script_name", "prefix"),
+    [
+        ("/shop", "/shop"),
+        ("/shop/", "/shop"),  # werkzeug's root_path: no trailing slash
+        ("/caf\u00e9".encode().decode("latin-1"), "/caf\u00e9"),  # PEP 3333: latin-1 bytes
+        ("", ""),
+    ],
+)
+def test_a_script_name_from_the_server_is_part_of_the_name(
+    langfuse_capture: LangfuseCapture, script_name: str, prefix: str
+) -> None:
+    # gunicorn (SCRIPT_NAME in its environment, or from a trusted proxy) and mod_wsgi hand
+    # the app a SCRIPT_NAME; the rule is relative to it, the observation's path is not.
+    from tests.wsgi_apps import driver
+
+    app = flask_app.build()
+    LangfuseFlask(app)
+    environ = driver.environ("/items/7")
+    environ["SCRIPT_NAME"] = script_name
+    result: list[str] = []
+    body = app(environ, lambda status, headers, exc_info=None: result.append(status))
+    b"".join(body)
+    body.close()  # type: ignore[attr-defined]
+    assert result == ["200 OK"]
+    root = langfuse_capture.single(name=f"GET {prefix}/items/<int:item_id>")
+    assert root["metadata"]["route"] == f"{prefix}/items/<int:item_id>"
+    langfuse_capture.clear()
+    # Flask's test client sets it from base_url.
+    response = app.test_client().get("/items/8", base_url="http://localhost/shop")
+    assert response.status_code == 200
+    root = langfuse_capture.single(name="GET /shop/items/<int:item_id>")
+    assert root["input"]["path"] == "/shop/items/8"
