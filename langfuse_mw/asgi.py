@@ -7,6 +7,7 @@ import functools
 import inspect
 import sys
 import time
+from json.encoder import encode_basestring
 from typing import Any
 
 from . import runtime
@@ -14,7 +15,8 @@ from ._failsafe import report
 from ._routes import route_template
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import resolve_settings
-from .core import RequestInfo, RequestState, RequestTracer
+from .core import Observation, RequestInfo, RequestState, RequestTracer
+from .headers import truncate
 
 __all__ = ["LangfuseMiddleware"]
 
@@ -64,7 +66,9 @@ class LangfuseMiddleware:
         if obs is None:
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(self, obs, scope, path, receive, send)
+        exchange = (_Exchange if kind == "http" else _WebSocketExchange)(
+            self, obs, scope, path, receive, send
+        )
         try:
             await self.app(scope, exchange.receive, exchange.send)
         except Exception as exc:
@@ -76,6 +80,8 @@ class LangfuseMiddleware:
             elif exchange._completed_ns and obs.ended:
                 # After the last byte: a BackgroundTask (the client has its response).
                 obs.record_late_exception(exc, exchange._route)
+            elif isinstance(exchange, _WebSocketExchange) and exchange.is_client_close(exc):
+                pass  # the client's close surfacing in the app: recorded when it came
             else:
                 if kind == "http" and not obs.first_byte_ns and not obs.ended:
                     # The start we saw never got a body: buffered by a middleware outside
@@ -212,7 +218,7 @@ class _Exchange:
                 last = not message.get("more_body", False)
                 if not last and self._pump is None:
                     self._start_pump()
-            elif kind == "http.response.start" or kind == "websocket.http.response.start":
+            elif kind == "http.response.start":
                 if not obs.ended:
                     obs.status = message["status"]
                 answering = _exc_info()[1]  # sent from an except block: an error handler's
@@ -222,12 +228,6 @@ class _Exchange:
                     message = _with_header(message, self.echo)
             elif kind == "http.response.pathsend":
                 last = True
-            elif kind == "websocket.accept":
-                obs.set_status(101)
-                if self.echo is not None:
-                    message = _with_header(message, self.echo)
-            elif kind == "websocket.close" and obs.status is None:
-                obs.set_status(403)  # closing before accept is a denial (ASGI spec)
         except Exception as exc:
             report("asgi.send", exc)
         if last:
@@ -291,6 +291,108 @@ class _Exchange:
         self._inbox = inbox
         self._pump = loop.create_task(pump())
         self._pump.add_done_callback(_consume)
+
+
+# Close codes (RFC 6455 and the IANA registry). A client closing with one of these, or with
+# an application-defined code, leaves normally; any other client code (1006: the connection
+# dropped without a close frame) is a disconnect. The app closing with 1011 (internal error)
+# or 1014 (bad gateway) failed, as with a 5xx.
+_NORMAL_CLOSE = frozenset((1000, 1001, 1005))
+_APP_DEFINED_CLOSE = range(3000, 5000)
+_SERVER_ERROR_CLOSE = frozenset((1011, 1014))
+_MAX_CLOSE_REASON = 123  # what fits in a close frame
+
+
+class _WebSocketExchange(_Exchange):
+    """A WebSocket connection: its handshake's status, and how it closed and who closed it."""
+
+    _closed_by: str | None = None
+    # The client has left: its websocket.disconnect came, or the server could not write.
+    _client_left = False
+    _receive_error: BaseException | None = None
+
+    async def send(self, message: Message) -> None:
+        obs = self.obs
+        try:
+            kind = message["type"]
+            if kind == "websocket.send":
+                pass
+            elif kind == "websocket.accept":
+                obs.set_status(101)
+                if self.echo is not None:
+                    message = _with_header(message, self.echo)
+            elif kind == "websocket.close":
+                if obs.status is None:
+                    obs.set_status(403)  # closing before accept is a denial (ASGI spec)
+                code = message.get("code")
+                self._closed("app", 1000 if code is None else code, message.get("reason"))
+            elif kind == "websocket.http.response.start":  # a denial response (ASGI extension)
+                obs.set_status(message["status"])
+                answering = _exc_info()[1]
+                if answering is not None:
+                    self._answering = answering
+                if self.echo is not None:
+                    message = _with_header(message, self.echo)
+        except Exception as exc:
+            report("asgi.send", exc)
+        try:
+            await self._send(message)
+        except OSError:
+            # The server could not write: the client is gone without a close frame, what
+            # RFC 6455 calls 1006 (and Starlette raises as WebSocketDisconnect(1006)).
+            self._client_left = True
+            self._closed("client", 1006, None)
+            self.disconnected()
+            raise
+
+    async def receive(self) -> Message:
+        try:
+            message = await self._receive()
+        except Exception as exc:
+            if self._client_left:  # the server saying again that the client is gone
+                self._receive_error = exc
+            raise
+        try:
+            if message["type"] == "websocket.disconnect":
+                self._client_left = True
+                code = message.get("code")
+                self._closed("client", 1005 if code is None else code, message.get("reason"))
+        except Exception as exc:
+            report("asgi.receive", exc)
+        return message
+
+    def _closed(self, by: str, code: Any, reason: Any) -> None:
+        # The first close is the connection's: the other side's only answers it.
+        if self._closed_by is not None:
+            return
+        self._closed_by = by
+        obs = self.obs
+        # WebSockets begin with tracer.begin: an Observation, sampled or not.
+        if obs.ended or not isinstance(obs, Observation) or not isinstance(code, int):
+            return
+        meta = obs.extra_metadata = {"closeCode": str(code), "closedBy": f'"{by}"'}
+        detail = ""
+        if isinstance(reason, str) and reason:
+            reason = truncate(reason, _MAX_CLOSE_REASON)
+            meta["closeReason"] = encode_basestring(reason)
+            detail = f": {reason}"
+        if by == "app":
+            if code in _SERVER_ERROR_CLOSE:
+                obs.error = f"websocket closed with {code}{detail}"
+        elif code not in _NORMAL_CLOSE and code not in _APP_DEFINED_CLOSE:
+            obs.mark_disconnected()
+
+    def is_client_close(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the client's close surfacing in the app, not the app's error.
+
+        Frameworks raise it from receive as ``WebSocketDisconnect`` (Starlette and FastAPI,
+        Litestar), matched by name so that none is imported.
+        """
+        if not self._client_left:
+            return False
+        if exc is self._receive_error:
+            return True
+        return any(cls.__name__ == "WebSocketDisconnect" for cls in type(exc).__mro__)
 
 
 def _joined(headers: Any, names: frozenset[bytes]) -> dict[bytes, bytes]:

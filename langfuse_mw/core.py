@@ -573,6 +573,8 @@ class Observation(RequestState, SpanRecord):
     claimed = False
     # (incoming context, peer trusted) while user and session are still to be read.
     pending: tuple[Incoming, bool] | None = None
+    # Metadata an adapter adds (a WebSocket's close code): key -> JSON-encoded value.
+    extra_metadata: dict[str, str] | None = None
     _request_context: RequestContext | None = None
 
     def __init__(
@@ -768,6 +770,9 @@ class Observation(RequestState, SpanRecord):
         if self.kept_by is not None:
             # Sampled out, exported because it failed or was slow.
             attrs[A_META + "keptBy"] = f'"{self.kept_by}"'
+        if self.extra_metadata is not None:
+            for key, value in self.extra_metadata.items():
+                attrs[A_META + key] = value
         if level is not None and level != "DEFAULT":
             attrs[A_LEVEL] = level
         if message is not None:
