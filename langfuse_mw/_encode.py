@@ -16,6 +16,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from . import _failsafe
+
 __all__ = ["Exportable", "encode_request", "encode_value"]
 
 _pack_double = struct.Struct("<d").pack
@@ -23,6 +25,7 @@ _pack_fixed64 = struct.Struct("<Q").pack
 _pack_fixed32 = struct.Struct("<I").pack
 _SMALL = [bytes([n]) for n in range(128)]
 _INT64 = (1 << 64) - 1
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 # OTel SpanKind (INTERNAL=0 ...) to OTLP's enum (SPAN_KIND_INTERNAL=1 ...).
 _KIND_OFFSET = 1
 _FLAGS_HAS_IS_REMOTE = 0x100
@@ -59,6 +62,25 @@ def field(tag: bytes, payload: bytes) -> bytes:
     return tag + varint(len(payload)) + payload
 
 
+def utf8(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; a lone surrogate becomes U+FFFD (and is counted).
+
+    Lone surrogates reach spans from undecodable file names (``os.fsdecode``) and broken
+    input: encoded as they are, they make invalid UTF-8, and the collector rejects the whole
+    batch they are in.
+    """
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _replaced(text)
+
+
+def _replaced(text: str) -> bytes:
+    # Pairs written as two code points become their character; lone halves become U+FFFD.
+    _failsafe.reject("unencodable_text")
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+
+
 def encode_value(value: Any) -> bytes:
     """An ``AnyValue`` message body (OpenTelemetry's mapping of Python values)."""
     if value is None:
@@ -66,8 +88,12 @@ def encode_value(value: Any) -> bytes:
     if isinstance(value, bool):
         return b"\x10\x01" if value else b"\x10\x00"
     if isinstance(value, str):
-        return field(b"\x0a", value.encode("utf-8", "surrogatepass"))
+        return field(b"\x0a", utf8(value))
     if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            # Beyond int64 (OTLP's int): as text, rather than wrapped into another number.
+            _failsafe.reject("int_out_of_range")
+            return field(b"\x0a", str(value).encode())
         return b"\x18" + varint(value & _INT64)
     if isinstance(value, float):
         return b"\x21" + _pack_double(value)
@@ -93,7 +119,7 @@ _CACHEABLE_LENGTH = 256
 def _key(key: str) -> bytes:
     prefix = _KEY_CACHE.get(key)
     if prefix is None:
-        prefix = field(b"\x0a", key.encode("utf-8", "surrogatepass"))
+        prefix = field(b"\x0a", utf8(key))
         if len(_KEY_CACHE) < 4096:
             _KEY_CACHE[key] = prefix
     return prefix
@@ -129,7 +155,10 @@ def attribute(tag: bytes, key: str, value: Any) -> bytes:
 
 def _str_attribute(tag: bytes, key: str, value: str) -> bytes:
     # field(tag, key_value(key, value)) for a string, written out: most attributes are strings.
-    text = value.encode("utf-8", "surrogatepass")
+    try:  # utf8(value), inlined
+        text = value.encode()
+    except UnicodeEncodeError:
+        text = _replaced(value)
     n = len(text)
     any_value = b"\x0a" + (_SMALL[n] if n < 0x80 else varint(n)) + text
     n = len(any_value)
@@ -147,7 +176,7 @@ def status(code: int, message: str | None) -> bytes:
     """The ``Status`` field (always present, as OpenTelemetry's encoder writes it)."""
     body = b""
     if message:
-        body += field(b"\x12", message.encode("utf-8", "surrogatepass"))
+        body += field(b"\x12", utf8(message))
     if code:
         body += b"\x18" + varint(code)
     return field(b"\x7a", body)
@@ -157,7 +186,7 @@ def event(name: str, time_ns: int, attrs: Mapping[str, Any] | None, dropped: int
     """A ``Span.Event`` message body."""
     body = b"\x09" + _pack_fixed64(time_ns) if time_ns else b""
     if name:
-        body += field(b"\x12", name.encode())
+        body += field(b"\x12", utf8(name))
     if attrs:
         body += attributes(b"\x1a", attrs.items())
     if dropped:
@@ -179,11 +208,11 @@ def span_header(
     """Fields 1-8 of a ``Span`` and its trailing ``flags`` field (16)."""
     head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")
     if trace_state:
-        head += field(b"\x1a", trace_state.encode())
+        head += field(b"\x1a", utf8(trace_state))
     if parent_id is not None:
         head += b"\x22\x08" + parent_id.to_bytes(8, "big")
     if name:
-        head += field(b"\x2a", name.encode("utf-8", "surrogatepass"))
+        head += field(b"\x2a", utf8(name))
     head += b"\x30" + varint(kind + _KIND_OFFSET)
     if start:
         head += b"\x39" + _pack_fixed64(start)
@@ -263,9 +292,9 @@ def _resource(resource: Resource | None) -> bytes:
 def _scope(scope: InstrumentationScope | None) -> bytes:
     if scope is None:
         return field(b"\x0a", b"")
-    body = field(b"\x0a", scope.name.encode()) if scope.name else b""
+    body = field(b"\x0a", utf8(scope.name)) if scope.name else b""
     if scope.version:
-        body += field(b"\x12", scope.version.encode())
+        body += field(b"\x12", utf8(scope.version))
     if scope.attributes:
         body += attributes(b"\x1a", scope.attributes.items())
     return field(b"\x0a", body)
@@ -304,11 +333,11 @@ def encode_request(items: Sequence[ReadableSpan | Exportable]) -> bytes:
         for scope, spans in scopes:
             body = _cached(scope, _scope) + b"".join(field(b"\x12", s) for s in spans)
             if scope is not None and scope.schema_url:
-                body += field(b"\x1a", scope.schema_url.encode())
+                body += field(b"\x1a", utf8(scope.schema_url))
             scope_spans.append(field(b"\x12", body))
         body = _cached(resource, _resource) + b"".join(scope_spans)
         if resource is not None and resource.schema_url:
-            body += field(b"\x1a", resource.schema_url.encode())
+            body += field(b"\x1a", utf8(resource.schema_url))
         out.append(field(b"\x0a", body))
     return b"".join(out)
 

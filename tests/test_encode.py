@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from langfuse_mw import runtime
+from langfuse_mw import _failsafe, runtime
 from langfuse_mw._encode import encode_request
 from langfuse_mw.config import resolve_settings
 from langfuse_mw.core import Observation
@@ -130,3 +131,47 @@ async def test_request_observations_encode_like_the_equivalent_sdk_span() -> Non
     assert len(observations) == 3 and len(sdk_spans) == 1
     as_sdk = [i.to_readable_span() if isinstance(i, Observation) else i for i in keep.items]
     assert ours(keep.items) == theirs(as_sdk)
+
+
+def test_lone_surrogates_become_replacement_characters_not_invalid_utf8() -> None:
+    # os.fsdecode of an undecodable file name, in an exception message: encoded as it is, it
+    # makes invalid UTF-8 and the collector rejects the whole batch it is in.
+    bad = os.fsdecode(b"report-\xff.csv")  # 'report-\udcff.csv'
+    long_bad = bad * 40  # past the attribute cache's length limit: the other code path
+    pair = "\ud83d\ude00"  # a pair written as two code points: one character
+    span = make_span(
+        {bad: bad, "long": long_bad, "pair": pair, "list": [bad]},
+        name=f"GET {bad}",
+        events=(Event(f"ev {bad}", {"m": bad}, 5),),
+        status=Status(StatusCode.ERROR, f"RuntimeError: {bad}"),
+        instrumentation_scope=InstrumentationScope(f"scope {bad}", "1"),
+    )
+    good = make_span({"a": "x"})
+    # Protobuf's strict decoder refuses invalid UTF-8 in string fields, as the collector does.
+    request = ours([good, span])
+    decoded = request.resource_spans[0].scope_spans
+    [first], [second] = (s.spans for s in decoded)
+    assert first.attributes[0].value.string_value == "x"
+    fixed = "report-\ufffd.csv"
+    assert second.name == f"GET {fixed}"
+    values = {kv.key: kv.value for kv in second.attributes}
+    assert values[fixed].string_value == fixed
+    assert values["long"].string_value == fixed * 40
+    assert values["pair"].string_value == "\U0001f600"
+    assert values["list"].array_value.values[0].string_value == fixed
+    assert second.events[0].name == f"ev {fixed}"
+    assert second.events[0].attributes[0].value.string_value == fixed
+    assert second.status.message == f"RuntimeError: {fixed}"
+    assert decoded[1].scope.name == f"scope {fixed}"
+    assert _failsafe.rejected_inputs["unencodable_text"] >= 8
+
+
+def test_integers_beyond_int64_are_text_not_wrapped() -> None:
+    span = make_span({"huge": 2**64 + 5, "low": -(2**63) - 1, "edge": 2**63 - 1})
+    values = {
+        kv.key: kv.value for kv in ours([span]).resource_spans[0].scope_spans[0].spans[0].attributes
+    }
+    assert values["huge"].string_value == str(2**64 + 5)
+    assert values["low"].string_value == str(-(2**63) - 1)
+    assert values["edge"].int_value == 2**63 - 1
+    assert _failsafe.rejected_inputs["int_out_of_range"] == 2
