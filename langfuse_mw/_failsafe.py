@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -13,6 +14,18 @@ logger = logging.getLogger("langfuse_mw")
 LOG_EVERY = 60.0
 
 _lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    # A fork while another thread held the lock (the export thread logging a drop) would
+    # leave the child's copy locked for good: its first report or reject would hang.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
 _last_logged: dict[str, float] = {}
 # Failures inside langfuse_mw (not the app's), by where they happened; shown by health().
 internal_errors: collections.Counter[str] = collections.Counter()

@@ -215,6 +215,16 @@ def _call_with_deadline(fn: Callable[[], Any], timeout: float) -> None:
 
 _lock = threading.Lock()
 _runtime: Runtime | None = None
+
+
+def _after_fork() -> None:
+    # The lock may have been held by another thread at the fork (a runtime being built).
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 _atexit_registered = False
 
 

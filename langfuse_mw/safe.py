@@ -6,8 +6,10 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -34,6 +36,7 @@ class _Breaker:
         self.failures = 0
         self.open_until = 0.0
         self._lock = threading.Lock()
+        _BREAKERS.add(self)
 
     def allow(self) -> bool:
         return self.open_until == 0.0 or time.monotonic() >= self.open_until
@@ -50,6 +53,20 @@ class _Breaker:
             if self.failures >= FAILURES_TO_OPEN:
                 self.open_until = time.monotonic() + COOLDOWN
                 self.failures = 0
+
+
+# Every breaker, to give each a fresh lock in a forked child (a fork while another thread
+# held one would leave the child's copy locked for good).
+_BREAKERS: weakref.WeakSet[_Breaker] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for breaker in list(_BREAKERS):
+        breaker._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _preview(value: Any, limit: int) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -143,3 +145,37 @@ def test_sigterm_without_a_handler_flushes_within_the_deadline_then_dies_as_usua
     assert process.returncode == -15  # the default action still ends the process
     assert 0.9 <= elapsed <= 1.0 + 1.0, err
     assert "20 spans were not exported" in err
+
+
+@pytest.mark.parametrize("lock_of", ["failsafe", "runtime", "safe_trace"])
+def test_a_fork_while_another_thread_holds_a_lock_leaves_the_child_working(
+    lock_of: str,
+) -> None:
+    # gunicorn forks workers while the master's threads run: a lock held at that moment is
+    # copied locked, and the child's first use of it (a bad header counted, a runtime built,
+    # a safe_trace failure) would hang forever.
+    from langfuse_mw import _failsafe, safe
+
+    breaker = safe._Breaker("test")
+    locks: dict[str, Callable[[], Any]] = {
+        "failsafe": lambda: _failsafe._lock,
+        "runtime": lambda: runtime._lock,
+        "safe_trace": lambda: breaker._lock,
+    }
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with locks[lock_of]():
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: 0 if it can take the lock, 1 if it is stuck
+        os._exit(0 if locks[lock_of]().acquire(timeout=2) else 1)
+    release.set()
+    holder.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the child is stuck on the {lock_of} lock"
