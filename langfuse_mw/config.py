@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +21,8 @@ __all__ = ["ConfigError", "Settings", "resolve_settings"]
 Level = Literal["DEBUG", "DEFAULT", "WARNING", "ERROR"]
 _LEVELS = ("DEBUG", "DEFAULT", "WARNING", "ERROR")
 _ENVIRONMENT = re.compile(r"(?!langfuse)[a-z0-9_-]{1,40}")
+# Upper bound of the durations (flush interval, timeouts): longer is a typo, not a deadline.
+MAX_SECONDS = 3600.0
 # HTTP field names are RFC 9110 tokens; we compare them lower-cased.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
@@ -154,13 +157,21 @@ def _parse_bool(name: str, raw: Any) -> bool:
     raise ConfigError(f"{name}: expected a boolean (true/false/1/0/yes/no/on/off), got {raw!r}")
 
 
-def _parse_number(name: str, raw: Any, kind: type[int] | type[float], minimum: float) -> Any:
+def _parse_number(
+    name: str, raw: Any, kind: type[int] | type[float], minimum: float,
+    maximum: float = math.inf,
+) -> Any:  # fmt: skip
+    article = "an" if kind is int else "a"
     try:
         value = kind(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected a {kind.__name__}, got {raw!r}") from None
-    if isinstance(raw, bool) or value < minimum:
-        raise ConfigError(f"{name}: expected a {kind.__name__} >= {minimum}, got {raw!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name}: expected {article} {kind.__name__}, got {raw!r}") from None
+    # NaN passes every comparison (an export thread waiting NaN seconds spins), and an
+    # infinite deadline is none.
+    finite = kind is int or math.isfinite(value)
+    if isinstance(raw, bool) or not finite or not minimum <= value <= maximum:
+        bound = f"between {minimum} and {maximum}" if maximum < math.inf else f">= {minimum}"
+        raise ConfigError(f"{name}: expected a finite {kind.__name__} {bound}, got {raw!r}")
     return value
 
 
@@ -240,7 +251,7 @@ def _parse(name: str, raw: Any) -> Any:
     if name in ("enabled", "echo_request_id", "capture_client_ip"):
         return _parse_bool(name, raw)
     if name in ("flush_interval", "export_timeout", "shutdown_timeout"):
-        return float(_parse_number(name, raw, float, 0.01))
+        return float(_parse_number(name, raw, float, 0.01, MAX_SECONDS))
     if name in (
         "max_batch_size", "max_queue_size", "max_queue_bytes", "queue_maxlen", "spool_max_bytes"
     ):  # fmt: skip
@@ -275,10 +286,7 @@ def _parse(name: str, raw: Any) -> Any:
             )
         return preset
     if name == "sample_rate":
-        rate = float(_parse_number(name, raw, float, 0.0))
-        if rate > 1.0:
-            raise ConfigError(f"sample_rate: expected a float between 0 and 1, got {raw!r}")
-        return rate
+        return float(_parse_number(name, raw, float, 0.0, 1.0))
     if name == "sample_rules":
         return _parse_rules(raw)
     if name == "slow_threshold":

@@ -69,7 +69,15 @@ def test_langfuse_tracing_enabled_false_turns_us_off() -> None:
         ({"environment": "Production!"}, "environment: 'Production!' is not allowed"),
         ({"environment": "langfuse-prod"}, "not starting with 'langfuse'"),
         ({"flush_interval": "soon"}, "flush_interval: expected a float"),
-        ({"max_queue_size": 0}, "max_queue_size: expected a int >= 1"),
+        ({"max_queue_size": 0}, "max_queue_size: expected a finite int >= 1"),
+        ({"max_queue_size": "1e400"}, "max_queue_size: expected an int"),
+        # NaN passes every comparison; an infinite deadline is none.
+        ({"flush_interval": "nan"}, "flush_interval: expected a finite float between 0.01"),
+        ({"shutdown_timeout": float("inf")}, "shutdown_timeout: expected a finite float"),
+        ({"export_timeout": 7200}, "export_timeout: expected a finite float between 0.01 and 3600"),
+        ({"sample_rate": "nan"}, "sample_rate: expected a finite float between 0.0 and 1.0"),
+        ({"slow_threshold": "inf"}, "slow_threshold: expected a finite float >= 0.0"),
+        ({"sample_rules": {"/a": float("nan")}}, "sample_rules: expected a finite float"),
         ({"max_queue_size": True}, "max_queue_size"),
         ({"compression": "br"}, "compression: expected 'gzip' or 'none'"),
         (

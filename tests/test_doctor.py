@@ -87,4 +87,4 @@ def test_the_cli_runs_doctor(
     assert "OK: " in capsys.readouterr().out
     monkeypatch.setenv("LANGFUSE_MW_SAMPLE_RATE", "2")
     assert main(["doctor"]) == 2
-    assert "sample_rate: expected a float between 0 and 1" in capsys.readouterr().err
+    assert "sample_rate: expected a finite float between 0.0 and 1.0" in capsys.readouterr().err

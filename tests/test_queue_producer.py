@@ -47,8 +47,8 @@ def test_queue_options_come_from_the_environment() -> None:
         ({"queue_url": "http://cache:6379"}, "queue_url: expected a Redis URL"),
         ({"queue_url": "redis://"}, "queue_url: expected a Redis URL"),
         ({"queue_stream": "has space"}, "queue_stream: expected a Redis key"),
-        ({"queue_maxlen": 0}, "queue_maxlen: expected a int >= 1"),
-        ({"spool_max_bytes": "lots"}, "spool_max_bytes: expected a int"),
+        ({"queue_maxlen": 0}, "queue_maxlen: expected a finite int >= 1"),
+        ({"spool_max_bytes": "lots"}, "spool_max_bytes: expected an int"),
         (
             {"queue_url": "redis://cache", "spool_dir": "/tmp/spool"},
             "queue_url (argument) and spool_dir (argument): choose one",
