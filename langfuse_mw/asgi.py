@@ -548,6 +548,7 @@ async def _shutdown_off_loop(timeout: float) -> None:
     # The server has drained its requests and is about to exit: export what is queued and
     # stop, within the one deadline (a flush here and another at exit could take twice as
     # long). A later request would build a new runtime. Keep the event loop free meanwhile.
+    timeout = runtime.exit_timeout(timeout)  # none left if the flush at SIGTERM ran out
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio (trio): a bounded wait at shutdown is acceptable

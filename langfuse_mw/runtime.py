@@ -260,36 +260,65 @@ def _install(runtime: Runtime) -> Runtime:
 
 
 _sigterm_installed = False
+# The SIGTERM handler ours chains to: the default action, or the app's or server's own.
+_previous_sigterm: Any = signal.SIG_DFL
+# The flush at SIGTERM ran out of time (Langfuse hangs): the shutdown at exit does not wait
+# again, so the process exits within one deadline of the signal.
+_stalled_at_sigterm = False
 
 
 def _install_sigterm_handler() -> None:
-    # A process with no SIGTERM handler dies at once on SIGTERM, without atexit: nothing
-    # queued would be exported. Only then do we step in — flush within the deadline, then let
-    # the default action kill the process as it would have. Servers that handle SIGTERM
-    # (uvicorn, gunicorn) are left alone: they shut down through lifespan or normal exit.
-    global _sigterm_installed
+    # A process that dies on SIGTERM (the default action, or a handler of the app's that
+    # re-raises it) never runs atexit: nothing queued would be exported. Ours flushes within
+    # the deadline, then hands the signal to the handler that was there before, so uvicorn's,
+    # gunicorn's or the app's behaviour is kept. SIG_IGN, or a handler set outside Python,
+    # is left alone.
+    global _sigterm_installed, _previous_sigterm
     if _sigterm_installed or threading.current_thread() is not threading.main_thread():
         return
     try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_IGN or previous is None:
             return
         signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):  # not the main interpreter, or no signals here
         return
+    _previous_sigterm = previous
     _sigterm_installed = True
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    previous = _previous_sigterm
     runtime = _runtime
     if runtime is not None:
-        timeout = runtime.settings.shutdown_timeout
+        timeout = exit_timeout(runtime.settings.shutdown_timeout)
+        # With the default action the process ends here: shut down. A handler may carry on
+        # (a graceful server finishes its requests): flush, and atexit shuts down later.
         # In a thread: the signal may have interrupted this very thread inside one of our
-        # locks, and a shutdown waiting on it here would never return. The join is bounded.
-        worker = threading.Thread(target=shutdown, args=(timeout,), daemon=True)
+        # locks, and a flush waiting on it here would never return. The join is bounded.
+        worker = threading.Thread(
+            target=_flush_at_sigterm, args=(timeout, previous is signal.SIG_DFL), daemon=True
+        )
         worker.start()
         worker.join(timeout + 0.5)
+    if callable(previous):
+        previous(signum, frame)
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _flush_at_sigterm(timeout: float, dying: bool) -> None:
+    global _stalled_at_sigterm
+    started = time.monotonic()
+    done = shutdown(timeout) == 0 if dying else flush(timeout)
+    if not done and time.monotonic() - started >= timeout:
+        _stalled_at_sigterm = True
+
+
+def exit_timeout(timeout: float) -> float:
+    """The deadline for a flush on the way out: none left if the one at SIGTERM ran out."""
+    return 0.0 if _stalled_at_sigterm else timeout
 
 
 def get_runtime(settings: Settings) -> Runtime:
@@ -378,6 +407,8 @@ def health() -> dict[str, Any]:
 
 def _shutdown_at_exit() -> None:
     try:
-        shutdown()
+        runtime = _runtime
+        if runtime is not None:
+            shutdown(exit_timeout(runtime.settings.shutdown_timeout))
     except Exception as exc:  # never turn a clean exit into a traceback
         _failsafe.report("atexit", exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from opentelemetry import trace as otel_trace
 
 import langfuse_mw
 from langfuse_mw import runtime
+from langfuse_mw.devserver import DevServer
+from tests.servers import wait_for
 
 
 @pytest.fixture
@@ -145,6 +148,93 @@ def test_sigterm_without_a_handler_flushes_within_the_deadline_then_dies_as_usua
     assert process.returncode == -15  # the default action still ends the process
     assert 0.9 <= elapsed <= 1.0 + 1.0, err
     assert "20 spans were not exported" in err
+
+
+CHAINED_SIGTERM_SCRIPT = """
+import os, signal, sys, time
+def cleanup(signum, frame):  # the app's own handler, installed before the runtime
+    print("app handler ran", flush=True)
+    if sys.argv[2] == "reraise":  # clean up, then die by the signal as if unhandled
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif sys.argv[2] == "exit":
+        sys.exit(3)
+    # "return": a graceful server's handler, which only asks the main loop to stop
+    global running
+    running = False
+signal.signal(signal.SIGTERM, cleanup)
+import langfuse_mw
+from langfuse import get_client
+langfuse_mw.init(public_key="pk-lf-e2e", secret_key="sk-lf-e2e", base_url=sys.argv[1],
+                 flush_interval=30, shutdown_timeout=1.0)
+client = get_client(public_key="pk-lf-e2e")
+for n in range(20):
+    with client.start_as_current_observation(name=f"job-{n}"):
+        pass
+running = True
+print("ready", flush=True)
+deadline = time.monotonic() + 20
+while running and time.monotonic() < deadline:
+    time.sleep(0.05)
+with client.start_as_current_observation(name="after-the-signal"):
+    pass
+"""
+
+
+@pytest.fixture
+def receiver() -> Iterator[DevServer]:
+    server = DevServer(
+        host="127.0.0.1", port=0, db=":memory:", public_key="pk-lf-e2e", secret_key="sk-lf-e2e"
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("app_handler", "code", "spans"),
+    [("reraise", -signal.SIGTERM, 20), ("exit", 3, 20), ("return", 0, 21)],
+)
+def test_sigterm_flushes_then_chains_to_the_handler_that_was_there(
+    receiver: DevServer, app_handler: str, code: int, spans: int
+) -> None:
+    # flush_interval=30: nothing would leave before exit unless the signal flushes it, and a
+    # handler that re-raises with the default action ends the process before atexit runs.
+    process = subprocess.Popen(
+        [sys.executable, "-c", CHAINED_SIGTERM_SCRIPT, receiver.url, app_handler],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    process.terminate()
+    out, err = process.communicate(timeout=20)
+    assert "app handler ran" in out, err  # chained: the app's handler still runs
+    assert process.returncode == code, err
+    names = sorted(str(s["name"]) for s in wait_for(receiver, spans))
+    assert len(names) == spans, err
+    if app_handler == "return":  # the process carried on; what it did after was exported too
+        assert "after-the-signal" in names
+
+
+def test_sigterm_with_a_hung_langfuse_and_a_graceful_handler_waits_one_deadline(
+    black_hole: str,
+) -> None:
+    # The flush at SIGTERM runs out of time: the shutdown at exit does not wait again.
+    process = subprocess.Popen(
+        [sys.executable, "-c", CHAINED_SIGTERM_SCRIPT, black_hole, "return"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    process.terminate()
+    _, err = process.communicate(timeout=20)
+    elapsed = time.monotonic() - started
+    assert process.returncode == 0, err
+    assert elapsed <= 1.0 + 1.0, err
+    assert "spans were not exported" in err
 
 
 @pytest.mark.parametrize("lock_of", ["failsafe", "runtime", "safe_trace"])
