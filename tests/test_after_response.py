@@ -1,8 +1,8 @@
 """Work a WSGI app does after its response was sent, that fails (plain WSGI, Flask).
 
-The ASGI twin (a Starlette BackgroundTask) is in test_asgi.py. Django runs its response's
-closers and ``request_finished`` receivers after the middleware's part has ended, swallowing
-the closers' errors, so it has no such shape to report.
+The ASGI twin (a Starlette BackgroundTask) is in test_asgi.py; Django's (a
+``request_finished`` receiver that raises, the only failure its close() lets through) is in
+test_django.py.
 """
 
 from __future__ import annotations

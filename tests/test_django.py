@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,10 +22,12 @@ from django.core import checks  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
+from django.core.signals import request_finished  # noqa: E402
 from django.http import FileResponse, Http404, HttpResponse, StreamingHttpResponse  # noqa: E402
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
 from django.utils.asyncio import async_unsafe  # noqa: E402
+from django.utils.decorators import async_only_middleware  # noqa: E402
 from django.utils.deprecation import MiddlewareMixin  # noqa: E402
 from django.utils.functional import SimpleLazyObject  # noqa: E402
 
@@ -281,6 +284,8 @@ def _tagged_stream(request: Any) -> Any:
     async def chunks() -> Any:
         yield b"never read"
 
+    if request.GET.get("plain"):
+        return HttpResponse("body", headers={"ETag": '"v1"'})
     response = StreamingHttpResponse(chunks() if request.GET.get("async") else iter([b"body"]))
     response["ETag"] = '"v1"'
     return response
@@ -291,7 +296,12 @@ async def _slow(request: Any) -> Any:
     return HttpResponse("late")  # pragma: no cover
 
 
+async def _quick(request: Any) -> Any:
+    return HttpResponse("ok")
+
+
 urlpatterns = [
+    path("quick", _quick),
     path("bad-file", _bad_file),
     path("tagged", _tagged_stream),
     path("slow", _slow),
@@ -315,15 +325,16 @@ def test_a_file_that_fails_while_it_is_read_under_asgi_is_the_requests_error(
 
 
 @pytest.mark.parametrize("server", ["wsgi", "asgi"])
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["sync", "async", "plain"])
 def test_a_stream_replaced_by_a_304_above_still_ends(
     langfuse_capture: LangfuseCapture, server: str, kind: str
 ) -> None:
     # ConditionalGetMiddleware above ours answers 304: the view's body is never read. The
     # observation ends when Django closes the response it sent, not at garbage collection.
+    # (So does that of a plain response, which waits there for a failure above.)
     conditional = "django.middleware.http.ConditionalGetMiddleware"
     with override_settings(ROOT_URLCONF="tests.test_django", MIDDLEWARE=[conditional, OURS]):
-        query = b"async=1" if kind == "async" else b""
+        query = {"sync": b"", "async": b"async=1", "plain": b"plain=1"}[kind]
         result = _drive(server, "/tagged", query=query, headers=[(b"if-none-match", b'"v1"')])
     assert result.status == 304
     root = langfuse_capture.single(name="GET tagged")
@@ -393,3 +404,166 @@ def test_user_id_from_reading_request_user_works_under_asgi_too(
         else:
             run(AsyncClient().get("/hello"))
     assert langfuse_capture.single(name="GET hello")["user_id"] == "alice"
+
+
+class FailsAbove(MiddlewareMixin):  # type: ignore[misc]
+    """Listed above LangfuseMiddleware: its process_response fails (a session store that is
+    down), after LangfuseMiddleware returned the view's response. Django answers with a 500."""
+
+    def process_response(self, request: Any, response: Any) -> Any:
+        raise ZeroDivisionError("session store down")
+
+
+def _fail_to_finish(sender: Any, **kwargs: Any) -> None:
+    raise RuntimeError("could not flush the audit log")
+
+
+@contextlib.contextmanager
+def _failing_request_finished() -> Iterator[None]:
+    request_finished.connect(_fail_to_finish, dispatch_uid="tests.fail_to_finish")
+    try:
+        yield
+    finally:
+        request_finished.disconnect(dispatch_uid="tests.fail_to_finish")
+
+
+def _urls_for(server: str) -> str:
+    # Sync views under WSGI, async ones under ASGI (a sync iterator would be consumed in a
+    # thread there, with Django's warning).
+    return ASYNC_URLS if server == "asgi" else "tests.django_project.urls"
+
+
+@pytest.mark.parametrize("server", ["wsgi", "asgi"])
+@pytest.mark.parametrize(("path", "size"), [("/hello", 2), ("/stream", 27)])
+@pytest.mark.parametrize("sample_rate", [1.0, 0.0])
+def test_a_request_finished_receiver_that_fails_is_an_error_after_the_response(
+    langfuse_capture: LangfuseCapture, server: str, path: str, size: int, sample_rate: float
+) -> None:
+    # Django sends request_finished with send(), not send_robust(), at the end of the close()
+    # of the response it sent: the exception leaves close() for the server. The client has
+    # its response, so the request keeps its status; the failure is its child.
+    options = {"sample_rate": sample_rate}
+    with (
+        override_settings(ROOT_URLCONF=_urls_for(server), LANGFUSE_MW=options),
+        _failing_request_finished(),
+    ):
+        result = _drive(server, path, query=b"delay=0", headers=[(b"x-request-id", b"req-fin")])
+    assert (result.status, len(result.body)) == (200, size)
+    assert isinstance(result.exception, RuntimeError)  # the server still hears of it
+    root = langfuse_capture.single(name=f"GET {path[1:]}")
+    late = langfuse_capture.single(name="after response")
+    assert (root["output"], root["level"]) == ({"statusCode": 200}, "DEFAULT")
+    assert root["metadata"].get("keptBy") == (None if sample_rate else "error")
+    assert (late["parent_span_id"], late["trace_id"]) == (root["span_id"], root["trace_id"])
+    assert (late["level"], late["metadata"]) == ("ERROR", {"requestId": "req-fin"})
+    assert late["status_message"] == "RuntimeError: could not flush the audit log"
+    assert late["start_time_unix_nano"] == root["end_time_unix_nano"]
+
+
+@pytest.mark.parametrize("server", ["wsgi", "asgi"])
+@pytest.mark.parametrize("path", ["/hello", "/stream"])
+@pytest.mark.parametrize("sample_rate", [1.0, 0.0])
+def test_a_middleware_above_that_fails_is_the_500_the_client_gets(
+    langfuse_capture: LangfuseCapture, server: str, path: str, sample_rate: float
+) -> None:
+    # The view answered 200 and LangfuseMiddleware returned it; then a middleware above failed
+    # and Django answered with a 500 (got_request_exception): that is what the client got.
+    middleware = ["tests.test_django.FailsAbove", OURS]
+    options = {"sample_rate": sample_rate}
+    with override_settings(
+        ROOT_URLCONF=_urls_for(server), MIDDLEWARE=middleware, LANGFUSE_MW=options
+    ):
+        result = _drive(server, path, query=b"delay=0")
+    assert (result.status, result.exception) == (500, None)
+    root = langfuse_capture.single(name=f"GET {path[1:]}")
+    assert root["output"] == {"statusCode": 500}
+    assert (root["level"], root["status_message"]) == (
+        "ERROR", "ZeroDivisionError: session store down",
+    )  # fmt: skip
+    assert root["events"][0]["attributes"]["exception.type"] == "builtins.ZeroDivisionError"
+    assert root["metadata"].get("keptBy") == (None if sample_rate else "error")
+    assert langfuse_capture.spans(name="after response") == []
+
+
+# Django's ASGI handler leaves the request body's SpooledTemporaryFile to the garbage
+# collector when the exception leaves it (with or without this middleware): its warning is Django's.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("server", ["wsgi", "asgi"])
+def test_a_middleware_above_that_fails_with_debug_propagate_exceptions_ends_the_observation(
+    langfuse_capture: LangfuseCapture, server: str
+) -> None:
+    # The exception goes to the server: Django sends no response, so closes none.
+    middleware = ["tests.test_django.FailsAbove", OURS]
+    with override_settings(
+        ROOT_URLCONF=_urls_for(server), MIDDLEWARE=middleware, DEBUG_PROPAGATE_EXCEPTIONS=True
+    ):
+        result = _drive(server, "/hello")
+    assert isinstance(result.exception, ZeroDivisionError)
+    result.exception.__traceback__ = None  # Django's frames, which hold that file
+    gc.collect()  # here, not in a later test
+    root = langfuse_capture.single(name="GET hello")
+    assert root["output"] == {"statusCode": 500}
+    assert root["status_message"] == "ZeroDivisionError: session store down"
+
+
+def test_the_site_cache_above_still_pickles_the_response(langfuse_capture: LangfuseCapture) -> None:
+    # UpdateCacheMiddleware (first in MIDDLEWARE) pickles the response LangfuseMiddleware
+    # returned: nothing of the observation may ride on it.
+    middleware = [
+        "django.middleware.cache.UpdateCacheMiddleware",
+        OURS,
+        "django.middleware.cache.FetchFromCacheMiddleware",
+    ]
+    with override_settings(MIDDLEWARE=middleware), _failing_request_finished():
+        first, cached = (_drive("wsgi", "/hello") for _ in range(2))
+    for result in (first, cached):
+        assert (result.status, result.body) == (200, b"ok")
+        assert isinstance(result.exception, RuntimeError)  # the cached response closes as one
+    # The second from the cache (FetchFromCacheMiddleware answers before URL resolution).
+    assert [root["name"] for root in langfuse_capture.roots()] == ["GET hello", "GET <unmatched>"]
+    assert len(langfuse_capture.spans(name="after response")) == 2
+
+
+@async_only_middleware
+def slow_above(get_response: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A middleware above LangfuseMiddleware still at work after it returned the response."""
+
+    async def middleware(request: Any) -> Any:
+        response = await get_response(request)
+        await asyncio.sleep(0.3)
+        return response
+
+    return middleware
+
+
+def test_a_response_django_never_closes_still_ends_the_observation(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # The observation ends when Django closes the response it sent. Here the client leaves
+    # while a middleware above is still at work: Django cancels it, and no response is ever
+    # sent or closed. The observation ends when the request is freed, with what the
+    # middleware saw.
+    async def leave_while_above_runs() -> None:
+        sent: list[dict[str, Any]] = []
+        messages = iter([{"type": "http.request", "body": b""}, {"type": "http.disconnect"}])
+
+        async def receive() -> dict[str, Any]:
+            message = next(messages)
+            if message["type"] == "http.disconnect":
+                await asyncio.sleep(0.1)  # while slow_above sleeps
+            return message
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/quick", "query_string": b"",
+                 "headers": [], "asgi": {"version": "3.0"}}  # fmt: skip
+        await ASGIHandler()(scope, receive, send)
+        assert sent == []  # cancelled above: nothing was sent
+
+    middleware = ["tests.test_django.slow_above", OURS]
+    with override_settings(ROOT_URLCONF="tests.test_django", MIDDLEWARE=middleware):
+        asyncio.run(leave_while_above_runs())
+    gc.collect()
+    root = langfuse_capture.single(name="GET quick")
+    assert root["output"] == {"statusCode": 200}

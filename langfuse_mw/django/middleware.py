@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ Response = Any
 _CLIENT_ERRORS = (Http404, PermissionDenied, BadRequest, SuspiciousOperation, MultiPartParserError)
 _OBS = "_langfuse_mw_observation"
 _NOTED = "_langfuse_mw_exception"
+_time_ns = time.time_ns
 
 
 class LangfuseMiddleware:
@@ -122,11 +124,11 @@ class LangfuseMiddleware:
         echo = settings.request_id_header
         if settings.echo_request_id and echo not in response:
             response[echo] = obs.request_id
+        end_ns = 0
         if not response.streaming:
             obs.add_body(len(response.content))
-            obs.end()
-            return response
-        if _sendfile(response, request):
+            end_ns = _time_ns()  # complete: its end, reported once the outcome is known
+        elif _sendfile(response, request):
             # A FileResponse under a WSGI server, which may sendfile() it past any iterator of
             # ours: the end is the response's close(), called once the file is sent. (Under
             # ASGI it is streamed like any other body, so a read that fails is recorded.)
@@ -137,10 +139,16 @@ class LangfuseMiddleware:
         else:
             length = content_length(response.get("Content-Length"))
             response.streaming_content = ResponseBody(obs, response.streaming_content, length)
-        # A middleware above may replace this response (ConditionalGetMiddleware's 304, an
-        # error): its body is then never read. Django closes the response it finally sends
-        # with request.close(): the observation ends there at the latest.
-        request.close = functools.partial(_close_request, request, request.close, obs)
+        # A middleware above may still fail, and Django answer with a 500 (_on_exception ends
+        # the observation then), or replace this response (ConditionalGetMiddleware's 304):
+        # its body is then never read. Django closes the response it finally sends, which
+        # calls request.close(): the observation ends there at the latest.
+        request.close = functools.partial(
+            _close_request, request, request.close, _Pending(obs, end_ns), response
+        )
+        # That close() ends by sending request_finished, whose receivers may raise to the
+        # server once the client has its response.
+        response.close = _ResponseClose(_close_response, response, obs)
         return response
 
 
@@ -162,14 +170,57 @@ def _sendfile(response: Response, request: HttpRequest) -> bool:
     )
 
 
+class _Pending:
+    """The observation of a request whose response Django has yet to close.
+
+    Django closes the response it sends, and ``request.close()`` ends the observation. A
+    request it never closes (the client left under ASGI while a middleware above ran, a
+    BaseException above) is ended when it is freed, with what the middleware saw.
+    """
+
+    __slots__ = ("end_ns", "obs")
+
+    def __init__(self, obs: RequestState, end_ns: int) -> None:
+        self.obs, self.end_ns = obs, end_ns
+
+    def __del__(self) -> None:
+        if not self.obs.ended:
+            self.obs.end(self.end_ns or None)  # never raises
+
+
 def _close_request(
-    request: HttpRequest, close: Callable[[], None], obs: RequestState
-) -> None:  # fmt: skip
+    request: HttpRequest, close: Callable[[], None], pending: _Pending, response: Response
+) -> None:
     try:
         close()
     finally:
-        obs.end()  # once: a body that was sent has ended it already
-        request.__dict__.pop("close", None)  # the request and the observation let go
+        # Once: a body that was sent, or a failure above, has ended it already.
+        pending.obs.end(pending.end_ns or None)
+        # The request, the response the middleware returned (never closed if it was replaced)
+        # and the observation let go of each other.
+        request.__dict__.pop("close", None)
+        response.__dict__.pop("close", None)
+
+
+class _ResponseClose(functools.partial[None]):
+    """``response.close`` of the response the middleware returned: ``_close_response``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # UpdateCacheMiddleware (above) pickles the response, and this with it: the cached
+        # copy gets a close of its own that records nothing.
+        return (_ResponseClose, (_close_response, self.args[0], None))
+
+
+def _close_response(response: Response, obs: RequestState | None) -> None:
+    response.__dict__.pop("close", None)
+    try:
+        response.close()
+    except Exception as exc:
+        # Django swallows its closers' errors: this is a request_finished receiver, run after
+        # the response was sent (the observation ended in request.close()).
+        if obs is not None:
+            obs.record_late_exception(exc)
+        raise
 
 
 def _done(request: HttpRequest, obs: RequestState) -> None:
@@ -201,8 +252,25 @@ def _note(request: Any, exc: BaseException | None) -> None:
 
 
 def _on_exception(sender: Any, request: Any = None, **kwargs: Any) -> None:
-    # Sent for exceptions Django answers with a 500, anywhere below the middleware.
-    _note(request, sys.exc_info()[1])
+    # Sent for the exceptions Django answers with a 500: below the middleware while it runs,
+    # or above it once it returned its response, which the client then never gets.
+    exc = sys.exc_info()[1]
+    if getattr(request, _OBS, None) is not None:
+        _note(request, exc)
+        return
+    close = getattr(request, "close", None)
+    if type(close) is not functools.partial or close.func is not _close_request:
+        return  # not traced, or Django already closed its response
+    if exc is None or isinstance(exc, _CLIENT_ERRORS):
+        return
+    _, _, pending, response = close.args
+    obs = pending.obs
+    # Ended now, not when Django closes its 500 (with DEBUG_PROPAGATE_EXCEPTIONS there is none).
+    obs.set_status(500)
+    obs.record_exception(exc)
+    obs.end()
+    request.__dict__.pop("close", None)  # let go, as in _close_request
+    response.__dict__.pop("close", None)
 
 
 async def _astream(content: AsyncIterator[bytes], obs: RequestState) -> AsyncIterator[bytes]:
