@@ -13,14 +13,16 @@ logger = logging.getLogger("langfuse_mw")
 
 LOG_EVERY = 60.0
 
-_lock = threading.Lock()
+# Re-entrant: a finalizer that reports (a response body ended at garbage collection) may run
+# in this very thread while it holds the lock.
+_lock = threading.RLock()
 
 
 def _after_fork() -> None:
     # A fork while another thread held the lock (the export thread logging a drop) would
     # leave the child's copy locked for good: its first report or reject would hang.
     global _lock
-    _lock = threading.Lock()
+    _lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
