@@ -1,7 +1,7 @@
 """The three-service demo: receiver, gateway (FastAPI) → inventory (Flask) → pricing (Django).
 
-    python -m demo_apps.run          # run, print a trace tree, stop everything
-    python -m demo_apps.run --keep   # ...and keep running to click through the viewer
+python -m demo_apps.run          # run, print a trace tree, stop everything
+python -m demo_apps.run --keep   # ...and keep running to click through the viewer
 """
 
 from __future__ import annotations

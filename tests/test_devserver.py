@@ -229,8 +229,7 @@ def test_unsupported_ingestion_version_400(srv: DevServer, version: str) -> None
                     {**PROTOBUF, "x-langfuse-ingestion-version": version})  # fmt: skip
     assert response.status_code == 400
     assert response.json() == {
-        "error": f'Unsupported x-langfuse-ingestion-version: "{version}". '
-        'Maximum supported: "4".'
+        "error": f'Unsupported x-langfuse-ingestion-version: "{version}". Maximum supported: "4".'
     }
     assert srv.received_spans() == []
 
@@ -291,9 +290,12 @@ def test_real_langfuse_sdk_export_reads_back_as_langfuse_would_show_it() -> None
                 metadata={"tenant": "acme"},
             )
             with client.start_as_current_observation(name="handle", input={"q": 1}) as root:
-                with propagated, client.start_as_current_observation(
-                    name="llm", as_type="generation", model="gpt-x"
-                ) as generation:
+                with (
+                    propagated,
+                    client.start_as_current_observation(
+                        name="llm", as_type="generation", model="gpt-x"
+                    ) as generation,
+                ):
                     generation.update(output="hello", level="WARNING")
                 root.update(output={"statusCode": 200})
             client.flush()

@@ -121,9 +121,7 @@ async def test_a_hanging_langfuse_changes_nothing_for_the_app_and_shutdown_is_bo
     assert lost > 0 and rt.health()["dropped"]["shutdown"] == lost
 
 
-async def test_bad_credentials_stop_export_with_one_error(
-    receiver: DevServer, caplog: Any
-) -> None:
+async def test_bad_credentials_stop_export_with_one_error(receiver: DevServer, caplog: Any) -> None:
     runtime.shutdown(0.5)
     settings = resolve_settings(
         {"public_key": PK, "secret_key": "sk-wrong", "base_url": receiver.url,

@@ -41,7 +41,7 @@ def test_pytest_plugin_is_registered(pytestconfig: object) -> None:
     assert manager.get_plugin("langfuse_mw") is not None
 
 
-USER_CODE = '''
+USER_CODE = """
 from typing import Any
 
 from fastapi import FastAPI
@@ -71,7 +71,7 @@ wsgi_app = LangfuseWSGIMiddleware(flask_app.wsgi_app)
 client = AsyncTracedClient(base_url="http://inventory:8000")
 ctx = get_request_context()
 request_id: str | None = ctx.request_id if ctx is not None else None
-'''
+"""
 
 
 def test_the_one_line_setups_type_check_under_mypy_strict(tmp_path: Any) -> None:
