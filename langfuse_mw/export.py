@@ -10,6 +10,7 @@ a failing backend is backed off instead of hammered.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import logging
 import os
@@ -19,6 +20,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
@@ -40,10 +42,16 @@ Item = ReadableSpan | Exportable
 logger = logging.getLogger("langfuse_mw")
 
 BACKOFF_BASE = 1.0
-BACKOFF_CAP = 30.0
+# With jitter the wait is in [cap/2, cap]: a recovered Langfuse gets its next probe within 8 s,
+# so export resumes within 10 s of a recovery (RELIABILITY.md case 1). Retry-After can ask for
+# longer (up to RETRY_AFTER_CAP).
+BACKOFF_CAP = 8.0
 RETRY_AFTER_CAP = 300.0
 STILL_FAILING_EVERY = 300.0
 SERVER_ERROR_ATTEMPTS = 3
+# Bytes of a response body read at most: enough for an error's detail (a 2xx needs none); a
+# proxy's 200 MiB error page is never held in memory.
+BODY_CAP = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,10 @@ class Outcome:
     split: bool = False
     error: str | None = None
     fatal: bool = False  # stop exporting until restart (bad credentials)
+    # Positions in the batch of spans that could not be encoded: dropped (``encoding``) before
+    # the POST; the rest of the outcome is about the other spans.
+    unencodable: tuple[int, ...] = ()
+    unencodable_error: str | None = None
 
 
 SENT = Outcome(ok=True)
@@ -77,10 +89,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return min(float(value), RETRY_AFTER_CAP)
     try:
-        when = parsedate_to_datetime(value).timestamp()
+        parsed = parsedate_to_datetime(value)
+        # Every HTTP-date is GMT (RFC 9110 5.6.7); the asctime form carries no zone and
+        # parses naive, which timestamp() would read as local time.
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        when = parsed.timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return min(max(0.0, when - (time.time() if now is None else now)), RETRY_AFTER_CAP)
@@ -98,7 +115,13 @@ class HttpSender:
         describe: str = "",
     ) -> None:
         self.endpoint = endpoint
-        self._headers = {**headers, "Content-Type": "application/x-protobuf"}
+        # identity: an error's detail is read raw, never decompressed (a small gzip body can
+        # expand a thousandfold).
+        self._headers = {
+            **headers,
+            "Content-Type": "application/x-protobuf",
+            "Accept-Encoding": "identity",
+        }
         if compression == "gzip":
             self._headers["Content-Encoding"] = "gzip"
         self._gzip = compression == "gzip"
@@ -107,8 +130,12 @@ class HttpSender:
 
     def _http(self) -> httpx.Client:
         if self._client is None:
-            # No redirects: a 3xx must count as a failure, never as a delivered batch.
-            self._client = httpx.Client(follow_redirects=False, trust_env=False)
+            # trust_env: HTTP(S)_PROXY / NO_PROXY and SSL_CERT_FILE / SSL_CERT_DIR apply, as
+            # they do to the langfuse SDK's own exporter (egress proxies, private CAs). A no-op
+            # auth keeps our Authorization header as it is: neither a netrc file nor
+            # credentials in the URL replace it. No redirects: a 3xx must count as a failure,
+            # never as a delivered batch.
+            self._client = httpx.Client(auth=httpx.Auth(), follow_redirects=False, trust_env=True)
         return self._client
 
     def encode(self, spans: Sequence[Item]) -> bytes:
@@ -118,30 +145,74 @@ class HttpSender:
         # repeat their keys, which any level catches).
         return gzip.compress(body, compresslevel=1) if self._gzip else body
 
+    def encode_each(self, spans: Sequence[Item]) -> tuple[bytes | None, tuple[int, ...], str]:
+        """After ``encode`` failed: the encodable spans' body (None if there are none), the
+        positions of the spans that cannot be encoded, and the first such error."""
+        bad: list[int] = []
+        error = ""
+        for n, item in enumerate(spans):
+            try:
+                encode_request([item])
+            except Exception as exc:
+                bad.append(n)
+                error = error or f"encoding failed: {exc!r}"
+        if not bad or len(bad) == len(spans):
+            return None, tuple(bad), error  # nothing to send (or no span to blame alone)
+        skip = set(bad)
+        try:
+            body = self.encode([item for n, item in enumerate(spans) if n not in skip])
+        except Exception as exc:  # fails only together: no span is to blame alone
+            return None, tuple(range(len(spans))), f"encoding failed: {exc!r}"
+        return body, tuple(bad), error
+
     def send(self, spans: Sequence[Item], timeout: float) -> Outcome:
         try:
             body = self.encode(spans)
         except Exception as exc:  # an attribute the encoder cannot take: drop, not retry
-            return Outcome(drop_reason="encoding", error=f"encoding failed: {exc!r}")
+            # One bad span must not cost the batch: drop only the spans that fail alone.
+            good, bad, error = self.encode_each(spans)
+            if good is None:
+                return Outcome(drop_reason="encoding", error=error or f"encoding failed: {exc!r}")
+            outcome = self.post(good, timeout)
+            return dataclasses.replace(outcome, unencodable=bad, unencodable_error=error)
         return self.post(body, timeout)
 
     def post(self, body: bytes, timeout: float, *, gzipped: bool | None = None) -> Outcome:
-        """POST already-encoded OTLP bytes as they are (``gzipped``: None = as configured)."""
+        """POST already-encoded OTLP bytes as they are (``gzipped``: None = as configured).
+
+        ``timeout`` bounds connecting, sending and each wait for the answer; the status line
+        decides, and the body (an error's detail) is read only until ``timeout`` after the
+        attempt began, BODY_CAP bytes at most.
+        """
+        deadline = time.monotonic() + timeout
         headers = self._headers
         if gzipped is not None and gzipped != self._gzip:
             headers = {k: v for k, v in headers.items() if k != "Content-Encoding"}
             if gzipped:
                 headers["Content-Encoding"] = "gzip"
         try:
-            response = self._http().post(
-                self.endpoint, content=body, headers=headers, timeout=timeout
-            )
+            with self._http().stream(
+                "POST", self.endpoint, content=body, headers=headers, timeout=timeout
+            ) as response:
+                return self._answer(response, deadline)
         except httpx.TimeoutException:
             return Outcome(retry=True, error=f"timeout after {timeout:.1f}s")
         except httpx.HTTPError as exc:
             return Outcome(retry=True, error=f"{type(exc).__name__}: {exc}")
-        retry_after = response.headers.get("retry-after")
-        return self.classify(response.status_code, retry_after, response.text)
+
+    def _answer(self, response: httpx.Response, deadline: float) -> Outcome:
+        # The status line decides; the body is only an error's detail. A small 2xx body is
+        # still read (within the deadline) so that the connection can be reused: one left
+        # unread is closed with the response.
+        status = response.status_code
+        if 200 <= status < 300:
+            length = response.headers.get("content-length", "")
+            small = len(length) < 6 and length.isascii() and length.isdigit()
+            if small and int(length) <= BODY_CAP:
+                _read_capped(response, deadline)
+            return SENT
+        text = _read_capped(response, deadline).decode("utf-8", "replace")
+        return self.classify(status, response.headers.get("retry-after"), text)
 
     def classify(self, status: int, retry_after: str | None, text: str) -> Outcome:
         """Map an HTTP status to an outcome (the table is in docs/export.md)."""
@@ -168,6 +239,19 @@ class HttpSender:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _read_capped(response: httpx.Response, deadline: float) -> bytes:
+    """Up to BODY_CAP bytes of the body, as many as arrive before the deadline."""
+    data = b""
+    try:
+        for chunk in response.iter_raw():
+            data += chunk[: BODY_CAP - len(data)]
+            if len(data) >= BODY_CAP or time.monotonic() >= deadline:
+                break  # a trickling or endless body: what we have is the detail
+    except httpx.HTTPError:
+        pass  # the status is known already; a body cut off changes nothing
+    return data
 
 
 class ExportQueue:
@@ -220,12 +304,15 @@ class ExportQueue:
         self._queue: collections.deque[tuple[Item, int]] = collections.deque()
         self._errors: collections.deque[tuple[Item, int]] = collections.deque()
         self._bytes = 0
-        self._lock = threading.Lock()
+        # Re-entrant: a response body ended by the garbage collector emits its span, and a
+        # collection can start in a thread inside emit(), holding this lock.
+        self._lock = threading.RLock()
         self._wake = threading.Event()
         self._idle = threading.Condition(threading.Lock())
         self._in_flight = 0
         self._stop = False
         self._abandoned = False
+        self._sender_closed = False
         self._deadline = float("inf")
 
     def _start(self) -> None:
@@ -350,7 +437,12 @@ class ExportQueue:
                 self.breaker = "half-open"  # this attempt is the probe
             outcome = self._send(batch)
             if self._abandoned:
+                self._close_sender()  # shutdown could not: this thread was still sending
                 return  # shutdown gave up on this thread and counted its batch as lost
+            if outcome.unencodable:
+                batch = self._drop_unencodable(batch, outcome)
+                if not batch:
+                    continue
             give_up = False
             if outcome.retry and outcome.drop_reason:
                 # A plain 5xx may be caused by the batch itself: retry it a few times only.
@@ -375,15 +467,14 @@ class ExportQueue:
                     self._bytes += sum(size for _, size in batch[half:])
                     self._in_flight = half
                 batch = batch[:half]
-            elif outcome.retry and not give_up:
+            elif outcome.retry:
+                # Langfuse is failing (or unreachable): back off, whether this batch is kept
+                # for another try or given up after its plain 5xx attempts. The next attempt,
+                # with this batch or the next one, is the only probe of this back-off step.
                 failures += 1
                 self._record_error(outcome.error)
                 self.breaker = "open"
-                delay = min(self.backoff_cap, self.backoff_base * 2 ** min(failures - 1, 10))
-                delay = random.uniform(delay / 2, delay)  # jitter: workers don't retry in step
-                if outcome.retry_after is not None:
-                    delay = max(delay, outcome.retry_after)
-                retry_at = time.monotonic() + delay
+                retry_at = time.monotonic() + self._backoff(failures, outcome.retry_after)
                 if failures == 1:
                     opened_at = last_still_failing = time.monotonic()
                     logger.warning(
@@ -395,6 +486,18 @@ class ExportQueue:
                 elif time.monotonic() - last_still_failing > STILL_FAILING_EVERY:
                     last_still_failing = time.monotonic()
                     logger.warning("langfuse_mw: export still failing (%s)", self._summary())
+                if give_up:
+                    reason = outcome.drop_reason or "server_error"
+                    self._drop_batch(reason, len(batch))
+                    log_once(
+                        f"drop:{reason}",
+                        "langfuse_mw: dropped a batch of %d spans (%s): %s",
+                        len(batch),
+                        reason,
+                        outcome.error,
+                    )
+                    server_error_attempts = 0
+                    batch = []
             else:
                 reason = outcome.drop_reason or ("too_large" if outcome.split else "rejected")
                 self._record_error(outcome.error)
@@ -422,6 +525,46 @@ class ExportQueue:
         # Leftovers at exit: counted, and reported by shutdown().
         self._drop_batch("shutdown", len(batch))
         self._notify_idle()
+        if self._closed:
+            self._close_sender()  # shutdown's deadline passed before this thread ended
+
+    def _close_sender(self) -> None:
+        # Once, by shutdown() or by the thread ending after it (its connections released).
+        with self._lock:
+            if self._sender_closed:
+                return
+            self._sender_closed = True
+        try:
+            self.sender.close()
+        except Exception as exc:
+            report("export.close", exc)
+
+    def _backoff(self, failures: int, retry_after: float | None) -> float:
+        delay = min(self.backoff_cap, self.backoff_base * 2 ** min(failures - 1, 10))
+        delay = random.uniform(delay / 2, delay)  # jitter: workers don't retry in step
+        # Retry-After may ask for longer than the cap (it has its own, RETRY_AFTER_CAP).
+        return delay if retry_after is None else max(delay, retry_after)
+
+    def _drop_unencodable(
+        self, batch: list[tuple[Item, int]], outcome: Outcome
+    ) -> list[tuple[Item, int]]:
+        # The spans the sender could not encode leave the batch, counted; whatever happens to
+        # the rest (sent, retried, split) is about the rest only.
+        bad = set(outcome.unencodable)
+        kept = [entry for n, entry in enumerate(batch) if n not in bad]
+        lost = len(batch) - len(kept)
+        with self._lock:
+            if not self._abandoned:
+                self.dropped["encoding"] += lost
+                self._in_flight -= lost
+        log_once(
+            "drop:encoding",
+            "langfuse_mw: dropped %d of %d spans that could not be encoded: %s",
+            lost,
+            len(batch),
+            outcome.unencodable_error,
+        )
+        return kept
 
     def _clear(self) -> int:
         # Under the lock: empty both queues, returning how many spans they held.
@@ -527,7 +670,7 @@ class ExportQueue:
         elif self.dropped != self._reported:
             logger.warning("langfuse_mw: shutdown; %s", self._lost_since_reported())
         if not self._thread.is_alive():
-            self.sender.close()
+            self._close_sender()
         return left
 
     # The langfuse SDK's span processor calls these names (OpenTelemetry's BatchProcessor API).
@@ -552,13 +695,46 @@ class ExportQueue:
             }
 
 
+# Items of a sequence attribute measured; the rest are estimated from them, so measuring stays
+# O(attributes) however long a list is.
+_MEASURED_ITEMS = 16
+
+
 def _measure(span: Item) -> tuple[int, bool]:
-    """Approximate encoded size (for the byte bound) and whether it records a failure."""
+    """Approximate encoded size (for the byte bound) and whether it records a failure.
+
+    Runs on the request path for the SDK's spans: strings count their length, everything else
+    a small constant, except sequences (their strings) and events (their attributes: an
+    exception's message and stack trace).
+    """
     if isinstance(span, ReadableSpan):
-        size = 256
-        for key, value in (span.attributes or {}).items():
-            size += len(key) + (len(value) if isinstance(value, str) else 16)
-        size += 256 * len(span.events)
-        level = (span.attributes or {}).get("langfuse.observation.level")
+        attributes = span.attributes or {}
+        size = 256 + _measure_attributes(attributes)
+        for event in span.events:
+            size += 64 + len(event.name) + _measure_attributes(event.attributes or {})
+        level = attributes.get("langfuse.observation.level")
         return size, level == "ERROR" or span.status.status_code is StatusCode.ERROR
     return span.approx_size(), span.is_error()
+
+
+def _measure_attributes(attributes: Any) -> int:
+    size = 0
+    for key, value in attributes.items():
+        size += len(key)
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, (tuple, list)):
+            size += _measure_sequence(value)
+        else:
+            size += 16
+    return size
+
+
+def _measure_sequence(values: tuple[Any, ...] | list[Any]) -> int:
+    n = len(values)
+    if n > _MEASURED_ITEMS:
+        return _measure_sequence(values[:_MEASURED_ITEMS]) * n // _MEASURED_ITEMS
+    size = 2
+    for value in values:
+        size += len(value) + 4 if isinstance(value, str) else 10
+    return size

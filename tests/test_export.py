@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 
 from langfuse_mw.export import ExportQueue, HttpSender, Outcome, parse_retry_after
@@ -360,6 +360,85 @@ def test_the_queue_is_bounded_by_bytes_too() -> None:
     assert stats["queued"] <= 11  # ~10 MiB held, one more batch in the sender's hands
     assert stats["queued_bytes"] <= 10 * 1024 * 1024
     assert stats["dropped"]["queue_full"] >= 29
+    assert balanced(stats)
+    sender.release.set()
+    q.shutdown(1)
+
+
+def test_retry_after_http_dates_are_gmt_whatever_the_local_zone() -> None:
+    # RFC 9110 5.6.7: three forms, all GMT. The asctime form names no zone: it must not be
+    # read as local time (9 h off in Tokyo, 5 h the other way in New York).
+    saved = os.environ.get("TZ")
+    try:
+        for zone in ("Asia/Tokyo", "America/New_York"):
+            os.environ["TZ"] = zone
+            time.tzset()
+            soon = time.time() + 20
+            when = time.gmtime(soon)
+            forms = [
+                email.utils.formatdate(soon, usegmt=True),  # IMF-fixdate
+                time.strftime("%A, %d-%b-%y %H:%M:%S GMT", when),  # RFC 850
+                time.strftime("%a %b ", when) + f"{when.tm_mday:2d}"
+                + time.strftime(" %H:%M:%S %Y", when),  # asctime
+            ]  # fmt: skip
+            for form in forms:
+                assert 17 <= (parse_retry_after(form) or 0) <= 20, (zone, form)
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
+def test_retry_after_digits_beyond_ascii_are_garbage() -> None:
+    for garbage in ("\u00b2", "\u0661\u0662", "3\u00b2"):
+        assert parse_retry_after(garbage) is None
+
+
+def test_plain_back_off_waits_at_most_8_s_so_recovery_is_seen_within_10_s() -> None:
+    q = ExportQueue(ScriptedSender(), flush_interval=5)  # the default back-off
+    try:
+        waits = [q._backoff(failures, None) for failures in range(1, 40) for _ in range(50)]
+        assert max(waits) <= 8.0
+        assert min(q._backoff(40, None) for _ in range(50)) >= 4.0  # the cap, jittered
+        # A longer Retry-After is still honoured, up to its own cap.
+        assert q._backoff(40, 120.0) == 120.0
+        assert parse_retry_after("100000") == 300.0
+    finally:
+        q.shutdown(1)
+
+
+def test_the_byte_bound_counts_events_and_lists_of_strings() -> None:
+    # RELIABILITY case 15: an exception event with a 200 kB message, or a list of strings,
+    # must weigh what it holds, or the byte bound lets the queue hold many times its size.
+    sender = ScriptedSender()
+    sender.release.clear()
+    bound = 2 * 1024 * 1024
+    q = queue(sender, max_queue_size=10_000, max_queue_bytes=bound, flush_interval=5)
+    payload = "p" * 200_000
+    for n in range(1, 61):
+        context = SpanContext(n, n, False, TraceFlags(TraceFlags.SAMPLED))
+        if n % 3 == 0:
+            item = ReadableSpan(
+                name="exc", context=context,
+                events=[Event("exception", {"exception.message": payload}, 1)],
+            )  # fmt: skip
+        elif n % 3 == 1:
+            item = ReadableSpan(name="tags", context=context, attributes={"tags": (payload,)})
+        else:  # a long list of short strings: measured from a sample, not item by item
+            item = ReadableSpan(
+                name="list", context=context, attributes={"ids": ("i" * 100,) * 2000}
+            )
+        q.emit(item)
+    stats = q.stats()
+    held = 0  # characters the queued spans hold (nothing left the queue: the sender hangs)
+    for item, _ in q._queue:
+        assert isinstance(item, ReadableSpan)
+        held += sum(len(v) for value in (item.attributes or {}).values() for v in value)
+        held += sum(len(str(v)) for e in item.events for v in (e.attributes or {}).values())
+    assert held <= bound, (held, stats)
+    assert stats["queued_bytes"] <= bound and stats["dropped"]["queue_full"] > 0, stats
     assert balanced(stats)
     sender.release.set()
     q.shutdown(1)

@@ -271,7 +271,7 @@ def test_case_09_a_long_outage_writes_few_log_lines(
 
     The queue has no clock to inject; its waits are real ``Event.wait`` timeouts. So every
     duration of the export path is scaled by the same factor instead: the production export
-    timeout (5 s), back-off (1 s doubling to 30 s), "still failing" reminder (5 min) and log
+    timeout (5 s), back-off (1 s doubling to 8 s), "still failing" reminder (5 min) and log
     de-duplication (1 min), and 10 spans a second flowing the whole time.
     """
     monkeypatch.setattr(export, "STILL_FAILING_EVERY", export.STILL_FAILING_EVERY * SCALE)
