@@ -49,7 +49,8 @@ class SpanRecord:
 
     def approx_size(self) -> int:
         """Roughly the encoded size, for the export queue's byte bound."""
-        return 1024
+        event = getattr(self, "error_event", None)
+        return 1024 + (sum(len(value) for value in event.values()) if event is not None else 0)
 
     def is_error(self) -> bool:
         """Whether this records a failure (the queue keeps those first)."""

@@ -701,7 +701,11 @@ class Observation(RequestState, SpanRecord):
 
     def approx_size(self) -> int:
         info = self.info
-        return 900 + len(info.path) + len(info.query) + len(info.headers.get("user-agent", ""))
+        size = 900 + len(info.path) + len(info.query) + len(info.headers.get("user-agent", ""))
+        event = self.error_event
+        if event is not None:  # the exception's message and stack trace (up to ~9 kB)
+            size += sum(len(value) for value in event.values())
+        return size
 
     # -- export (runs on the export thread) ---------------------------------------------------
 

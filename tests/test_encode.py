@@ -175,3 +175,23 @@ def test_integers_beyond_int64_are_text_not_wrapped() -> None:
     assert values["low"].string_value == str(-(2**63) - 1)
     assert values["edge"].int_value == 2**63 - 1
     assert _failsafe.rejected_inputs["int_out_of_range"] == 2
+
+
+async def test_a_failed_request_weighs_its_exception_in_the_queue() -> None:
+    # The queue's byte bound (RELIABILITY case 15) sees each record's approx_size(): a flood of
+    # 500s, each with a stack trace of up to 8 kB, must weigh what it holds.
+    runtime.shutdown(0.5)
+    keep = Keep()
+    settings = resolve_settings({"public_key": "pk-enc", "secret_key": "sk-enc"}, environ={})
+    with runtime._lock:
+        runtime._install(runtime.Runtime(settings, sender=keep))
+    try:
+        await call(traced_app("starlette"), "/boom")
+        runtime.flush(5)
+    finally:
+        runtime.shutdown(1)
+    [obs] = [i for i in keep.items if isinstance(i, Observation)]
+    assert obs.error_event is not None
+    stack = obs.error_event["exception.stacktrace"]
+    assert len(stack) > 500
+    assert obs.approx_size() >= 900 + len(stack)
