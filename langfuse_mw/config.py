@@ -239,6 +239,12 @@ def _parse(name: str, raw: Any) -> Any:
             raise ConfigError(
                 f"base_url: expected an http(s) URL such as https://cloud.langfuse.com, got {raw!r}"
             )
+        if "@" in parts.netloc:
+            # Never echoed: it would put a password in the error and in every export log line.
+            raise ConfigError(
+                "base_url: credentials in the URL are not used; give the keys as public_key "
+                "and secret_key (LANGFUSE_PUBLIC_KEY, LANGFUSE_SECRET_KEY)"
+            )
         return url
     if name == "environment":
         env = _parse_optional_text(name, raw)

@@ -10,9 +10,13 @@ import pytest
 from langfuse_mw import LangfuseMiddleware
 from tests import apps
 
-# No test may reach a real Langfuse: clear what a developer's shell might have set.
+# No test may reach a real Langfuse: clear what a developer's shell might have set. Export
+# honours HTTP(S)_PROXY, and a proxy set in that shell must not stand between the tests and
+# their receivers on 127.0.0.1 (the proxy tests set their own).
 for _name in list(os.environ):
-    if _name.startswith(("LANGFUSE_", "OTEL_")):
+    if _name.startswith(("LANGFUSE_", "OTEL_")) or _name.lower() in (
+        "http_proxy", "https_proxy", "all_proxy", "no_proxy"
+    ):  # fmt: skip
         del os.environ[_name]
 
 FRAMEWORKS = ["starlette", "fastapi"]

@@ -66,6 +66,7 @@ def test_langfuse_tracing_enabled_false_turns_us_off() -> None:
     ("options", "message"),
     [
         ({"base_url": "cloud.langfuse.com"}, "base_url: expected an http(s) URL"),
+        ({"base_url": "https://pk:sk-secret@cloud.langfuse.com"}, "base_url: credentials in"),
         ({"environment": "Production!"}, "environment: 'Production!' is not allowed"),
         ({"environment": "langfuse-prod"}, "not starting with 'langfuse'"),
         ({"flush_interval": "soon"}, "flush_interval: expected a float"),
