@@ -16,14 +16,21 @@ Variants, alternated round by round:
                               cost for a request its sampler drops
   naive langfuse (docs)       the @app.middleware("http") example from the Langfuse docs
                               (BaseHTTPMiddleware + start_as_current_observation)
+  sentry asgi (traced)        sentry-sdk's SentryAsgiMiddleware, traces_sample_rate=1.0, no
+                              integrations (benchmarks/_peers.py): a transaction per request
+  sentry asgi (not sampled)   a second client, traces_sample_rate=0.0
+  logfire asgi (traced)       logfire.instrument_asgi (OpenTelemetry's ASGI middleware on a
+                              local Logfire configuration), sampling head=1.0
+  logfire asgi (not sampled)  the same with head=0.0
 
-Every tracing variant exports through a sink that encodes and gzips OTLP protobuf (only the
-network is left out). Printed: the request path (wall µs/request on the request's thread,
-every exporter holding the round and exporting between rounds), and total CPU µs/request
-with the export included; medians of alternating rounds, min-max and ratios.
+Every tracing variant exports through a sink that encodes and gzips OTLP protobuf, Sentry
+through its own transport, which prepares and gzips each envelope (only the network is left
+out). Printed: the request path (wall µs/request on the request's thread, every exporter
+holding the round and exporting between rounds), and total CPU µs/request with the export
+included; medians of alternating rounds, min-max and ratios.
 
 Each framework is a separate run of alternating rounds (FastAPI's own telemetry stays off: the
-runtime's tracer provider is private).
+runtime's tracer provider is private, and Logfire's configurations are local).
 
     python benchmarks/asgi_overhead.py [--rounds 7] [--requests 3000]
                                        [--frameworks starlette,fastapi]
@@ -37,7 +44,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,6 +68,9 @@ from benchmarks._common import (
     measure,
 )
 from langfuse_mw import runtime
+
+if TYPE_CHECKING:
+    from benchmarks._peers import LogfirePeer
 
 HEADERS = [
     (b"host", b"bench"),
@@ -160,6 +170,20 @@ def otel_app(provider: TracerProvider, framework: str) -> Any:
     return app
 
 
+def sentry_app(framework: str) -> Any:
+    from sentry_sdk.integrations.asgi import SentryAsgiMiddleware
+
+    app = make_app(framework)
+    app.add_middleware(SentryAsgiMiddleware)
+    return app
+
+
+def logfire_app(peer: LogfirePeer, framework: str) -> Any:
+    app = make_app(framework)
+    app.add_middleware(peer.logfire.instrument_asgi)
+    return app
+
+
 def naive_app(client: Any, framework: str) -> Any:
     from langfuse import propagate_attributes
 
@@ -194,8 +218,10 @@ def main() -> None:
     header(
         "ASGI overhead, in-process (Starlette and FastAPI hello world)",
         ["langfuse-mw", "langfuse", "starlette", "fastapi", "opentelemetry-sdk",
-         "opentelemetry-instrumentation-asgi"],
+         "opentelemetry-instrumentation-asgi", "sentry-sdk", "logfire"],
     )  # fmt: skip
+    from benchmarks._peers import HAVE_LOGFIRE, NO_LOGFIRE, LogfirePeer, SentryPeer
+
     sink = EncodingSink()
     otel_exporter, naive_exporter = EncodingExporter(), EncodingExporter()
     otel_provider = TracerProvider()
@@ -211,11 +237,19 @@ def main() -> None:
         flush_at=ROUND_CAPACITY,
         flush_interval=3600,
     )
+    sentry, sentry_dropping = SentryPeer(1.0), SentryPeer(0.0)
     flushes: dict[str, Callable[[], Any]] = {
         "langfuse_mw": lambda: runtime.flush(30),
         "otel asgi (1 span)": otel_provider.force_flush,
         "naive langfuse (docs)": naive_client.flush,
+        "sentry asgi (traced)": sentry.flush,
     }
+    logfire = logfire_dropping = None
+    if HAVE_LOGFIRE:
+        logfire, logfire_dropping = LogfirePeer(1.0), LogfirePeer(0.0)
+        flushes["logfire asgi (traced)"] = logfire.flush
+    else:
+        print(NO_LOGFIRE)
 
     for framework in args.frameworks.split(","):
         variants = {
@@ -238,21 +272,47 @@ def main() -> None:
             "otel asgi (1 span)": driver(otel_app(otel_provider, framework), "/items/1"),
             "otel asgi (not sampled)": driver(otel_app(otel_dropping, framework), "/items/1"),
             "naive langfuse (docs)": driver(naive_app(naive_client, framework), "/items/1"),
+            # Each Sentry client is the process's client only while its own requests run.
+            "sentry asgi (traced)": sentry.bound(driver(sentry_app(framework), "/items/1")),
+            "sentry asgi (not sampled)": sentry_dropping.bound(
+                driver(sentry_app(framework), "/items/1")
+            ),
         }
+        pairs = [
+            ("langfuse_mw", "sentry asgi (traced)"),
+            ("langfuse_mw (not sampled)", "otel asgi (not sampled)"),
+            ("langfuse_mw (not sampled)", "sentry asgi (not sampled)"),
+            ("langfuse_mw (not sampled)", "floor (dropped-request minimum)"),
+        ]
+        if logfire is not None and logfire_dropping is not None:
+            variants["logfire asgi (traced)"] = driver(logfire_app(logfire, framework), "/items/1")
+            variants["logfire asgi (not sampled)"] = driver(
+                logfire_app(logfire_dropping, framework), "/items/1"
+            )
+            pairs[1:1] = [("langfuse_mw", "logfire asgi (traced)")]
+            pairs.insert(4, ("langfuse_mw (not sampled)", "logfire asgi (not sampled)"))
         measure(
             f"{framework}: ", variants, flushes, rounds=args.rounds, requests=args.requests,
             peers=["otel asgi (1 span)", "naive langfuse (docs)"],
-            pairs=[
-                ("langfuse_mw (not sampled)", "otel asgi (not sampled)"),
-                ("langfuse_mw (not sampled)", "floor (dropped-request minimum)"),
-            ],
+            pairs=pairs,
         )  # fmt: skip
+    sentry_dropping.flush()
     health = runtime.health()
     print(
         f"langfuse_mw export: created={health['created']} exported={health['exported']} "
         f"dropped={health['dropped']} (sink saw {sink.spans}); spans exported by otel "
         f"{otel_exporter.spans}, by the naive middleware {naive_exporter.spans}"
     )
+    print(
+        f"sentry transactions sent: traced {sentry.transport.sent['transaction']}, not sampled "
+        f"{sentry_dropping.transport.sent['transaction']}"
+    )
+    if logfire is not None and logfire_dropping is not None:
+        logfire_dropping.flush()
+        print(
+            f"logfire spans exported: traced {logfire.exporter.spans}, not sampled "
+            f"{logfire_dropping.exporter.spans}"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ Variants (Starlette or FastAPI hello world as in ``asgi_overhead.py``, or Flask 
 langfuse_mw (caller did not sample), langfuse_mw (excluded path), floor (dropped-request
 minimum: ``benchmarks/floor.py``, the least any middleware that keeps errors and echoes the
 request id can do for a request it drops), otel (1 span), otel (not sampled): OpenTelemetry's
-ASGI or WSGI middleware.
+ASGI or WSGI middleware; sentry (traced), sentry (not sampled): sentry-sdk's ASGI or WSGI
+middleware with ``traces_sample_rate`` 1.0 or 0.0 and no integrations; logfire (traced),
+logfire (not sampled): ``logfire.instrument_asgi`` or ``instrument_wsgi`` with sampling head
+1.0 or 0.0 (``benchmarks/_peers.py`` says how both are kept from touching other variants; here
+every variant is a process of its own anyway).
 
 "request path" leaves every span in its exporter's queue; "with export" also encodes, gzips
 and hands them to a local sink (OTLP protobuf; no network) before the count stops.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import posix
 import re
 import shutil
 import subprocess
@@ -51,6 +56,7 @@ from benchmarks._common import (
     deferred_processor,
     header,
 )
+from benchmarks._peers import HAVE_LOGFIRE, NO_LOGFIRE
 from langfuse_mw import runtime
 
 VARIANTS = [
@@ -62,13 +68,23 @@ VARIANTS = [
     "floor (dropped-request minimum)",
     "otel (1 span)",
     "otel (not sampled)",
+    "sentry (traced)",
+    "sentry (not sampled)",
+    "logfire (traced)",
+    "logfire (not sampled)",
 ]
 # Variants whose spans are exported (the others export nothing: "with export" = request path).
-EXPORTING = {"langfuse_mw", "otel (1 span)"}
-PEERS = {
-    "langfuse_mw": "otel (1 span)",
-    "langfuse_mw (not sampled)": "otel (not sampled)",
-}
+EXPORTING = {"langfuse_mw", "otel (1 span)", "sentry (traced)", "logfire (traced)"}
+PEERS = [
+    ("langfuse_mw", "otel (1 span)"),
+    ("langfuse_mw", "sentry (traced)"),
+    ("langfuse_mw", "logfire (traced)"),
+    ("langfuse_mw (not sampled)", "otel (not sampled)"),
+    ("langfuse_mw (not sampled)", "sentry (not sampled)"),
+    ("langfuse_mw (not sampled)", "logfire (not sampled)"),
+]
+# Logfire's rows need the [bench] extra (see benchmarks/_peers.py).
+AVAILABLE = [v for v in VARIANTS if HAVE_LOGFIRE or not v.startswith("logfire")]
 FRAMEWORKS = ["starlette", "fastapi", "flask"]
 WARM_UP = 300
 
@@ -99,6 +115,22 @@ def build(variant: str, framework: str) -> tuple[Callable[[int], float], Callabl
             else asgi_overhead.otel_app(provider, framework)
         )
         return _driver(framework, app, caller=False), provider.force_flush
+    if variant.startswith("sentry"):
+        from benchmarks._peers import SentryPeer
+
+        sentry = SentryPeer(0.0 if variant.endswith("(not sampled)") else 1.0)
+        app = wsgi_overhead.sentry_app() if flask else asgi_overhead.sentry_app(framework)
+        return sentry.bound(_driver(framework, app, caller=False)), sentry.flush
+    if variant.startswith("logfire"):
+        from benchmarks._peers import LogfirePeer
+
+        logfire = LogfirePeer(0.0 if variant.endswith("(not sampled)") else 1.0)
+        app = (
+            wsgi_overhead.logfire_app(logfire)
+            if flask
+            else asgi_overhead.logfire_app(logfire, framework)
+        )
+        return _driver(framework, app, caller=False), logfire.flush
     settings: dict[str, dict[str, Any]] = {
         "langfuse_mw": {},
         "langfuse_mw (not sampled)": {"sample_rate": 0.0},
@@ -132,9 +164,11 @@ def child(variant: str, framework: str, requests: int, export: bool) -> None:
     run(requests)
     if export:
         flush()
-    # No exit handlers: they would export what the request-path run left queued.
+    # No exit handlers: they would export what the request-path run left queued. Nor
+    # os._exit: once logfire is imported (pydantic loads it as a plugin wherever it is
+    # installed) that is logfire's, which flushes its exporters first.
     sys.stdout.flush()
-    os._exit(0)
+    posix._exit(0)
 
 
 def count(variant: str, framework: str, requests: int, export: bool) -> int:
@@ -164,7 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--framework", default="starlette", choices=FRAMEWORKS)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(AVAILABLE))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="valgrinds at once")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--export", action="store_true", help=argparse.SUPPRESS)
@@ -173,7 +207,9 @@ def main() -> None:
         child(args.child, args.framework, args.requests, args.export)
         return
 
-    variants = chosen_variants(parser, args.variants, VARIANTS)
+    variants = chosen_variants(parser, args.variants, AVAILABLE)
+    if not HAVE_LOGFIRE:
+        print(NO_LOGFIRE)
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
 
@@ -184,7 +220,7 @@ def main() -> None:
     }[args.framework]
     header(
         f"Instructions per request under valgrind ({args.framework} hello world, in-process)",
-        ["langfuse-mw", "opentelemetry-sdk", *packages],
+        ["langfuse-mw", "opentelemetry-sdk", *packages, "sentry-sdk", "logfire"],
     )
     print(f"{args.requests} requests per variant after {WARM_UP} to warm up\n")
     jobs = [(v, False) for v in variants] + [(v, True) for v in variants if v in EXPORTING]
@@ -204,7 +240,7 @@ def main() -> None:
             f"{total - base:>+13,.0f}"
         )
     print()
-    for ours, peer in PEERS.items():
+    for ours, peer in PEERS:
         if ours in variants and peer in variants:
             mine, theirs = counted[(ours, False)] - base, counted[(peer, False)] - base
             if theirs > 0:

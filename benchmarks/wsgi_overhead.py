@@ -15,9 +15,16 @@ Variants, alternated round by round:
                               on app.wsgi_app, with a batch processor
   otel wsgi (not sampled)     the same with ParentBased(TraceIdRatioBased(0)): OpenTelemetry's
                               cost for a request its sampler drops
+  sentry wsgi (traced)        sentry-sdk's SentryWsgiMiddleware on app.wsgi_app,
+                              traces_sample_rate=1.0, no integrations (benchmarks/_peers.py)
+  sentry wsgi (not sampled)   a second client, traces_sample_rate=0.0
+  logfire wsgi (traced)       logfire.instrument_wsgi on app.wsgi_app (OpenTelemetry's WSGI
+                              middleware on a local Logfire configuration), sampling head=1.0
+  logfire wsgi (not sampled)  the same with head=0.0
 
-Every tracing variant exports through a sink that encodes and gzips OTLP protobuf (only the
-network is left out). Printed: the request path (wall µs/request, every exporter holding the
+Every tracing variant exports through a sink that encodes and gzips OTLP protobuf, Sentry
+through its own transport, which prepares and gzips each envelope (only the network is left
+out). Printed: the request path (wall µs/request, every exporter holding the
 round and exporting between rounds) and total CPU µs/request with the export included. The
 WSGI callable is called directly, the body iterated and closed as a server does (Flask's test
 client would cost more than what is measured).
@@ -33,7 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,6 +58,9 @@ from benchmarks._common import (
     measure,
 )
 from langfuse_mw import runtime
+
+if TYPE_CHECKING:
+    from benchmarks._peers import LogfirePeer
 
 HEADERS = {
     "HTTP_HOST": "bench",
@@ -133,6 +143,20 @@ def otel_app(provider: TracerProvider) -> Any:
     return app
 
 
+def sentry_app() -> Any:
+    from sentry_sdk.integrations.wsgi import SentryWsgiMiddleware
+
+    app = make_app()
+    app.wsgi_app = SentryWsgiMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    return app
+
+
+def logfire_app(peer: LogfirePeer) -> Any:
+    app = make_app()
+    app.wsgi_app = peer.logfire.instrument_wsgi(app.wsgi_app)  # type: ignore[method-assign, assignment]
+    return app
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -142,14 +166,17 @@ def main() -> None:
     header(
         "WSGI overhead, in-process (Flask hello world)",
         ["langfuse-mw", "langfuse", "flask", "werkzeug", "opentelemetry-sdk",
-         "opentelemetry-instrumentation-wsgi"],
+         "opentelemetry-instrumentation-wsgi", "sentry-sdk", "logfire"],
     )  # fmt: skip
+    from benchmarks._peers import HAVE_LOGFIRE, NO_LOGFIRE, LogfirePeer, SentryPeer
+
     sink = EncodingSink()
     otel_exporter = EncodingExporter()
     otel_provider = TracerProvider()
     otel_provider.add_span_processor(deferred_processor(otel_exporter))
     otel_dropping = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
     otel_dropping.add_span_processor(deferred_processor(otel_exporter))
+    sentry, sentry_dropping = SentryPeer(1.0), SentryPeer(0.0)
     variants = {
         "bare": driver(make_app(), "/items/1"),
         "langfuse_mw": driver(langfuse_mw_app(sink), "/items/1"),
@@ -167,25 +194,53 @@ def main() -> None:
         "floor (dropped-request minimum)": driver(floor_app(), "/items/1"),
         "otel wsgi (1 span)": driver(otel_app(otel_provider), "/items/1"),
         "otel wsgi (not sampled)": driver(otel_app(otel_dropping), "/items/1"),
+        # Each Sentry client is the process's client only while its own requests run.
+        "sentry wsgi (traced)": sentry.bound(driver(sentry_app(), "/items/1")),
+        "sentry wsgi (not sampled)": sentry_dropping.bound(driver(sentry_app(), "/items/1")),
     }
     flushes: dict[str, Callable[[], Any]] = {
         "langfuse_mw": lambda: runtime.flush(30),
         "otel wsgi (1 span)": otel_provider.force_flush,
+        "sentry wsgi (traced)": sentry.flush,
     }
+    pairs = [
+        ("langfuse_mw", "sentry wsgi (traced)"),
+        ("langfuse_mw (not sampled)", "otel wsgi (not sampled)"),
+        ("langfuse_mw (not sampled)", "sentry wsgi (not sampled)"),
+        ("langfuse_mw (not sampled)", "floor (dropped-request minimum)"),
+    ]
+    logfire = logfire_dropping = None
+    if HAVE_LOGFIRE:
+        logfire, logfire_dropping = LogfirePeer(1.0), LogfirePeer(0.0)
+        variants["logfire wsgi (traced)"] = driver(logfire_app(logfire), "/items/1")
+        variants["logfire wsgi (not sampled)"] = driver(logfire_app(logfire_dropping), "/items/1")
+        flushes["logfire wsgi (traced)"] = logfire.flush
+        pairs[1:1] = [("langfuse_mw", "logfire wsgi (traced)")]
+        pairs.insert(4, ("langfuse_mw (not sampled)", "logfire wsgi (not sampled)"))
+    else:
+        print(NO_LOGFIRE)
 
     measure(
         "", variants, flushes, rounds=args.rounds, requests=args.requests,
         peers=["otel wsgi (1 span)"],
-        pairs=[
-            ("langfuse_mw (not sampled)", "otel wsgi (not sampled)"),
-            ("langfuse_mw (not sampled)", "floor (dropped-request minimum)"),
-        ],
+        pairs=pairs,
     )  # fmt: skip
+    sentry_dropping.flush()
     health = runtime.health()
     print(
         f"langfuse_mw export: created={health['created']} exported={health['exported']} "
         f"dropped={health['dropped']} (sink saw {sink.spans}); otel exported {otel_exporter.spans}"
     )
+    print(
+        f"sentry transactions sent: traced {sentry.transport.sent['transaction']}, not sampled "
+        f"{sentry_dropping.transport.sent['transaction']}"
+    )
+    if logfire is not None and logfire_dropping is not None:
+        logfire_dropping.flush()
+        print(
+            f"logfire spans exported: traced {logfire.exporter.spans}, not sampled "
+            f"{logfire_dropping.exporter.spans}"
+        )
 
 
 if __name__ == "__main__":

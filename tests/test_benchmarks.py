@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from opentelemetry import trace as otel_trace
 
 from benchmarks import instructions, server_throughput
+from benchmarks._peers import HAVE_LOGFIRE, NO_LOGFIRE
 from tests.servers import ROOT
 
 
@@ -36,7 +38,7 @@ def test_every_instruction_count_variant_runs_requests_and_exits_cleanly(framewo
     common = ["--framework", framework, "--requests", "3"]
     children = {
         (variant, export): _run([script, "--child", variant, *common, *(["--export"] * export)])
-        for variant in instructions.VARIANTS
+        for variant in instructions.AVAILABLE
         for export in (False, True)
         if export is False or variant in instructions.EXPORTING
     }
@@ -53,6 +55,89 @@ def test_instruction_counts_refuse_unknown_variants() -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "unknown variants ['fast']" in err
+
+
+# The peers measured next to the OpenTelemetry ones in the timed scripts, by script.
+# Logfire only where the [bench] extra is installed (make bench); elsewhere the scripts say
+# its rows are left out.
+TIMED_PEERS = {
+    "asgi_overhead.py": ["sentry asgi", *(["logfire asgi"] if HAVE_LOGFIRE else [])],
+    "wsgi_overhead.py": ["sentry wsgi", *(["logfire wsgi"] if HAVE_LOGFIRE else [])],
+}
+
+
+@pytest.mark.parametrize("script", sorted(TIMED_PEERS))
+def test_the_timed_scripts_measure_sentry_and_logfire_and_their_sampling_holds(
+    script: str,
+) -> None:
+    # A few requests per variant (after the fixed warm-up): every peer gets its rows and
+    # ratios, and the traced ones export one transaction or span per request (as many as
+    # OpenTelemetry's middleware), the not-sampled ones none.
+    sizes = ["--rounds", "1", "--requests", "20"]
+    proc = _run([str(ROOT / "benchmarks" / script), *sizes])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    request_path, _, total_cpu = out.partition("total CPU per request")
+    for peer in TIMED_PEERS[script]:
+        for rows, variants in [
+            (request_path, [f"{peer} (traced)", f"{peer} (not sampled)"]),
+            (total_cpu, [f"{peer} (traced)"]),
+        ]:
+            names = {line[:34].rstrip() for line in rows.splitlines()}
+            assert set(variants) <= names
+        assert f"overhead ratio langfuse_mw / {peer} (traced): " in request_path
+        assert f"overhead ratio langfuse_mw / {peer} (traced): " in total_cpu
+        assert f"overhead ratio langfuse_mw (not sampled) / {peer} (not sampled): " in out
+    otel = re.search(r"(?:spans exported by otel|otel exported) (\d+)", out)
+    sent = re.search(r"sentry transactions sent: traced (\d+), not sampled (\d+)", out)
+    assert otel is not None and sent is not None, out[-1000:]
+    traced = int(otel.group(1))
+    assert traced >= 300
+    assert [int(n) for n in sent.groups()] == [traced, 0]
+    logfire = re.search(r"logfire spans exported: traced (\d+), not sampled (\d+)", out)
+    if HAVE_LOGFIRE:
+        assert logfire is not None and [int(n) for n in logfire.groups()] == [traced, 0]
+    else:
+        assert logfire is None and NO_LOGFIRE in out
+
+
+_ISOLATION = """
+import json
+import sentry_sdk
+from opentelemetry import propagate, trace
+from benchmarks import asgi_overhead, wsgi_overhead
+from benchmarks._peers import HAVE_LOGFIRE, LogfirePeer, SentryPeer
+
+textmap = propagate.get_global_textmap()
+sentry, dropping = SentryPeer(1.0), SentryPeer(0.0)
+apps = [asgi_overhead.sentry_app("fastapi"), wsgi_overhead.sentry_app()]
+if HAVE_LOGFIRE:
+    logfire = LogfirePeer(1.0), LogfirePeer(0.0)
+    asgi_overhead.driver(asgi_overhead.logfire_app(logfire[0], "fastapi"), "/items/1")(2)
+    wsgi_overhead.driver(wsgi_overhead.logfire_app(logfire[1]), "/items/1")(2)
+active = [sentry.bound(lambda n: float(sentry_sdk.get_client() is sentry.client))(0),
+          dropping.bound(lambda n: float(sentry_sdk.get_client() is dropping.client))(0)]
+print(json.dumps({
+    "client while bound": active,
+    "client after": sentry_sdk.get_client().is_active(),
+    "global tracer provider": type(trace.get_tracer_provider()).__module__,
+    "same propagator": propagate.get_global_textmap() is textmap,
+}))
+"""
+
+
+def test_the_peers_leave_the_process_to_the_other_variants() -> None:
+    # Sentry's client is global only while its variant runs; Logfire sets no global tracer
+    # provider (FastAPI's own telemetry would start with one) and keeps the propagator.
+    proc = _run(["-c", _ISOLATION])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "client while bound": [1.0, 1.0],
+        "client after": False,
+        "global tracer provider": "opentelemetry.trace",  # OpenTelemetry's default proxy
+        "same propagator": True,
+    }
 
 
 # What each server variant must install: middleware class and options (an OpenTelemetry
