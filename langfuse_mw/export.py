@@ -166,16 +166,11 @@ class HttpSender:
         return body, tuple(bad), error
 
     def send(self, spans: Sequence[Item], timeout: float) -> Outcome:
-        try:
-            body = self.encode(spans)
-        except Exception as exc:  # an attribute the encoder cannot take: drop, not retry
-            # One bad span must not cost the batch: drop only the spans that fail alone.
-            good, bad, error = self.encode_each(spans)
-            if good is None:
-                return Outcome(drop_reason="encoding", error=error or f"encoding failed: {exc!r}")
-            outcome = self.post(good, timeout)
-            return dataclasses.replace(outcome, unencodable=bad, unencodable_error=error)
-        return self.post(body, timeout)
+        # One bad span must not cost the batch: only the spans that fail alone are left out.
+        body, bad, error = encode_or_isolate(self, spans)
+        if body is None:  # no span could be encoded: drop, not retry
+            return Outcome(drop_reason="encoding", error=error)
+        return with_unencodable(self.post(body, timeout), bad, error)
 
     def post(self, body: bytes, timeout: float, *, gzipped: bool | None = None) -> Outcome:
         """POST already-encoded OTLP bytes as they are (``gzipped``: None = as configured).
@@ -239,6 +234,27 @@ class HttpSender:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def encode_or_isolate(
+    sender: HttpSender, spans: Sequence[Item]
+) -> tuple[bytes | None, tuple[int, ...], str]:
+    """``sender.encode(spans)``; if it fails, the body of the spans that encode alone.
+
+    Returns (body or None when nothing can be sent, positions of the spans left out, error).
+    """
+    try:
+        return sender.encode(spans), (), ""
+    except Exception as exc:  # an attribute the encoder cannot take: only its span is lost
+        good, bad, error = sender.encode_each(spans)
+        return good, bad, error or f"encoding failed: {exc!r}"
+
+
+def with_unencodable(outcome: Outcome, bad: tuple[int, ...], error: str) -> Outcome:
+    """``outcome``, telling ExportQueue which spans of the batch were left out unencoded."""
+    if not bad:
+        return outcome
+    return dataclasses.replace(outcome, unencodable=bad, unencodable_error=error)
 
 
 def _read_capped(response: httpx.Response, deadline: float) -> bytes:

@@ -125,6 +125,15 @@ def produce(client: redis.Redis, batches: int, per_batch: int = 1, first: int = 
     return ids
 
 
+def unencodable(n: int) -> ReadableSpan:
+    """``span(n)`` with an attribute no OTLP value can hold (a set): the encoder refuses it."""
+    good = span(n)
+    return ReadableSpan(
+        name=good.name, context=good.context, start_time=1, end_time=2,
+        resource=good.resource, attributes={"odd": {"a set"}},
+    )  # fmt: skip
+
+
 def span_ids(receiver: DevServer) -> list[str]:
     return [s["span_id"] for s in receiver.received_spans()]
 

@@ -11,7 +11,7 @@ import pytest
 from langfuse_mw.config import ConfigError, resolve_settings
 from langfuse_mw.export import HttpSender
 from langfuse_mw.queue.producer import RedisSender
-from tests.queue_support import PUBLIC_KEY, STREAM, RedisServer, span
+from tests.queue_support import PUBLIC_KEY, STREAM, RedisServer, span, unencodable
 from tests.servers import ROOT
 
 
@@ -103,5 +103,22 @@ def test_each_batch_is_one_entry_and_maxlen_bounds_the_stream(redis_server: Redi
         outcome = sender.send([span(1)], 1.0)
         assert outcome.retry and not outcome.ok and "ConnectionError" in (outcome.error or "")
         assert sender.stats()["failed_writes"] == 1
+    finally:
+        sender.close()
+
+
+def test_a_span_that_cannot_be_encoded_is_left_out_of_the_entry(
+    redis_server: RedisServer,
+) -> None:
+    encoder = HttpSender("http://127.0.0.1:9", {})
+    sender = RedisSender(redis_server.url, STREAM, maxlen=100, encoder=encoder,
+                         public_key=PUBLIC_KEY)  # fmt: skip
+    try:
+        outcome = sender.send([span(1), unencodable(2), span(3)], 1.0)
+        assert outcome.ok and outcome.unencodable == (1,), outcome
+        [(_, fields)] = redis_server.client().xrevrange(STREAM, count=1)
+        assert fields[b"spans"] == b"2"
+        assert sender.stats()["spans_added"] == 2
+        assert sender.send([unencodable(4)], 1.0).drop_reason == "encoding"
     finally:
         sender.close()

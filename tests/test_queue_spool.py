@@ -16,7 +16,7 @@ from langfuse_mw.devserver import DevServer
 from langfuse_mw.export import ExportQueue
 from langfuse_mw.queue.spool import SpoolSender
 from langfuse_mw.runtime import http_sender
-from tests.queue_support import PUBLIC_KEY, SECRET_KEY, span, wait_until
+from tests.queue_support import PUBLIC_KEY, SECRET_KEY, span, unencodable, wait_until
 from tests.servers import ROOT, free_port
 
 # One service process: traces `count` observations named work-<first..>, then exits through
@@ -161,3 +161,17 @@ def test_bad_credentials_keep_the_spool_for_the_next_start(spool: Path) -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+def test_a_span_that_cannot_be_encoded_is_left_out_and_the_rest_delivered(
+    spool: Path, receiver: DevServer
+) -> None:
+    sender = make_spool(spool, receiver.url, max_bytes=1 << 20)
+    try:
+        outcome = sender.send([span(1), unencodable(2), span(3)], 5)
+        assert outcome.ok and outcome.unencodable == (1,), outcome
+        assert "TypeError" in (outcome.unencodable_error or "")
+        assert [s["span_id"] for s in receiver.received_spans()] == [f"{1:016x}", f"{3:016x}"]
+        assert sender.send([unencodable(4)], 5).drop_reason == "encoding"
+    finally:
+        sender.close()

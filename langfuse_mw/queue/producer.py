@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..export import SENT, HttpSender, Item, Outcome
+from ..export import SENT, HttpSender, Item, Outcome, encode_or_isolate, with_unencodable
 from ._redis import GZIP_MAGIC, connect, describe_url, import_redis
 
 __all__ = ["ENTRY_VERSION", "RedisSender", "entry_fields"]
@@ -67,11 +67,13 @@ class RedisSender:
         return self._client
 
     def send(self, spans: Sequence[Item], timeout: float) -> Outcome:
-        try:
-            body = self._encoder.encode(spans)
-        except Exception as exc:  # an attribute the encoder cannot take: drop, not retry
-            return Outcome(drop_reason="encoding", error=f"encoding failed: {exc!r}")
-        fields = entry_fields(body, len(spans), self.public_key)
+        body, bad, error = encode_or_isolate(self._encoder, spans)
+        if body is None:  # no span could be encoded: drop, not retry
+            return Outcome(drop_reason="encoding", error=error)
+        return with_unencodable(self._add(body, len(spans) - len(bad)), bad, error)
+
+    def _add(self, body: bytes, spans: int) -> Outcome:
+        fields = entry_fields(body, spans, self.public_key)
         try:
             # MAXLEN ~ lets Redis trim whole radix-tree nodes: cheap, and memory stays bounded.
             self._conn().xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
@@ -84,7 +86,7 @@ class RedisSender:
             return Outcome(retry=True, error=error)
         with self._lock:
             self.batches_added += 1
-            self.spans_added += len(spans)
+            self.spans_added += spans
             self.last_write_at = time.time()
         return SENT
 

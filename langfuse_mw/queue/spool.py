@@ -22,7 +22,15 @@ from typing import Any
 
 from .._failsafe import log_once, report
 from ..config import ConfigError
-from ..export import SENT, SERVER_ERROR_ATTEMPTS, HttpSender, Item, Outcome
+from ..export import (
+    SENT,
+    SERVER_ERROR_ATTEMPTS,
+    HttpSender,
+    Item,
+    Outcome,
+    encode_or_isolate,
+    with_unencodable,
+)
 from ._redis import GZIP_MAGIC
 
 try:
@@ -84,10 +92,13 @@ class SpoolSender:
     # -- the export thread's side ---------------------------------------------------------
 
     def send(self, spans: Sequence[Item], timeout: float) -> Outcome:
-        try:
-            body = self.http.encode(spans)
-        except Exception as exc:  # an attribute the encoder cannot take: drop, not retry
-            return Outcome(drop_reason="encoding", error=f"encoding failed: {exc!r}")
+        body, bad, error = encode_or_isolate(self.http, spans)
+        if body is None:  # no span could be encoded: drop, not retry
+            return Outcome(drop_reason="encoding", error=error)
+        outcome = self._deliver(body, len(spans) - len(bad), timeout)
+        return with_unencodable(outcome, bad, error)
+
+    def _deliver(self, body: bytes, spans: int, timeout: float) -> Outcome:
         with self._lock:
             direct = self._files_count == 0 and time.monotonic() >= self._retry_at
         if direct:
@@ -97,7 +108,7 @@ class SpoolSender:
                 # ExportQueue counts, splits or stops exactly as without a spool.
                 return outcome
             self._back_off(outcome)
-        return self._write(body, len(spans))
+        return self._write(body, spans)
 
     def _write(self, body: bytes, spans: int) -> Outcome:
         with self._lock:
