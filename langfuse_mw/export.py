@@ -648,16 +648,26 @@ class ExportQueue:
             return self._queued + self._in_flight
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued so far was handled, or the deadline passes."""
+        """Wait until everything queued so far was handled, or the deadline passes.
+
+        "So far": as many spans as were created before the call are exported or dropped.
+        Spans that other threads keep emitting meanwhile do not hold it up.
+        """
         deadline = time.monotonic() + (self.shutdown_timeout if timeout is None else timeout)
-        while self.pending and self._thread.is_alive():
+        with self._lock:
+            target = self.created
+        while self._handled() < target and self.pending and self._thread.is_alive():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             self._wake.set()
             with self._idle:
                 self._idle.wait(min(remaining, 0.05))
-        return self.pending == 0
+        return self._handled() >= target or self.pending == 0
+
+    def _handled(self) -> int:
+        with self._lock:
+            return self.exported + sum(self.dropped.values())
 
     def shutdown(self, timeout: float | None = None) -> int:
         """Flush within the deadline, stop the thread, and return the number of spans lost."""

@@ -310,10 +310,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _flush_at_sigterm(timeout: float, dying: bool) -> None:
     global _stalled_at_sigterm
+    queue = _runtime.queue if _runtime is not None else None
+    exported = queue.exported if queue is not None else 0
     started = time.monotonic()
     done = shutdown(timeout) == 0 if dying else flush(timeout)
+    # Stalled: the deadline passed with nothing exported (Langfuse hangs or is down). A
+    # flush that exported while other threads kept emitting was not stalled.
     if not done and time.monotonic() - started >= timeout:
-        _stalled_at_sigterm = True
+        _stalled_at_sigterm = queue is None or queue.exported == exported
 
 
 def exit_timeout(timeout: float) -> float:

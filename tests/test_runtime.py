@@ -237,6 +237,60 @@ def test_sigterm_with_a_hung_langfuse_and_a_graceful_handler_waits_one_deadline(
     assert "spans were not exported" in err
 
 
+BUSY_SIGTERM_SCRIPT = """
+import signal, sys, threading, time
+graceful = threading.Event()
+signal.signal(signal.SIGTERM, lambda signum, frame: graceful.set())  # a server's own handler
+import langfuse_mw
+from langfuse import get_client
+langfuse_mw.init(public_key="pk-lf-e2e", secret_key="sk-lf-e2e", base_url=sys.argv[1],
+                 shutdown_timeout=2.0)
+client = get_client(public_key="pk-lf-e2e")
+done = threading.Event()
+counts = [0, 0]
+
+def work(slot):  # a threaded server's requests, still arriving while it drains
+    while not done.is_set():
+        with client.start_as_current_observation(name="work"):
+            pass
+        counts[slot] += 1
+        time.sleep(0.001)
+
+threads = [threading.Thread(target=work, args=(n,)) for n in range(2)]
+for thread in threads:
+    thread.start()
+print("ready", flush=True)
+graceful.wait(20)
+time.sleep(0.3)  # the graceful drain: in-flight work completes
+done.set()
+for thread in threads:
+    thread.join()
+print(sum(counts), flush=True)
+"""
+
+
+def test_sigterm_while_threads_keep_working_loses_nothing_with_a_healthy_langfuse(
+    receiver: DevServer,
+) -> None:
+    # The flush at SIGTERM waits for what was queued when the signal came, not for a queue
+    # that other threads keep filling; and a flush that exported was not stalled, so the
+    # shutdown at exit keeps its whole deadline for the spans of the drain.
+    process = subprocess.Popen(
+        [sys.executable, "-c", BUSY_SIGTERM_SCRIPT, receiver.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    process.terminate()
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    created = int(out.strip().splitlines()[-1])
+    assert "not exported" not in err, err
+    assert len(wait_for(receiver, created)) == created, err
+
+
 @pytest.mark.parametrize("lock_of", ["failsafe", "runtime", "safe_trace"])
 def test_a_fork_while_another_thread_holds_a_lock_leaves_the_child_working(
     lock_of: str,
