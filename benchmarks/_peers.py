@@ -23,7 +23,6 @@ context, which no variant calls on a request. That is why it is in the ``bench``
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -37,14 +36,6 @@ from benchmarks._common import EncodingExporter, deferred_processor
 if TYPE_CHECKING:
     from logfire import Logfire
     from sentry_sdk.consts import EndpointType
-
-# Logfire is in the "bench" extra only (make bench builds .venv-bench with it): where it is not
-# installed its rows are left out, and the scripts say so.
-HAVE_LOGFIRE = importlib.util.find_spec("logfire") is not None
-NO_LOGFIRE = (
-    "logfire is not installed here: its rows are left out "
-    "(make bench measures it, in .venv-bench with the [bench] extra)"
-)
 
 # Nothing listens there; the transport below never sends.
 SENTRY_DSN = "https://public@127.0.0.1:9/1"

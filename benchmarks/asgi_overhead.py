@@ -220,7 +220,8 @@ def main() -> None:
         ["langfuse-mw", "langfuse", "starlette", "fastapi", "opentelemetry-sdk",
          "opentelemetry-instrumentation-asgi", "sentry-sdk", "logfire"],
     )  # fmt: skip
-    from benchmarks._peers import HAVE_LOGFIRE, NO_LOGFIRE, LogfirePeer, SentryPeer
+    from benchmarks._common import HAVE_LOGFIRE, NO_LOGFIRE
+    from benchmarks._peers import LogfirePeer, SentryPeer
 
     sink = EncodingSink()
     otel_exporter, naive_exporter = EncodingExporter(), EncodingExporter()

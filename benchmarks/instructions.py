@@ -49,6 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import asgi_overhead, wsgi_overhead
 from benchmarks._common import (
+    HAVE_LOGFIRE,
+    NO_LOGFIRE,
     NOT_SAMPLED_PARENT,
     EncodingExporter,
     EncodingSink,
@@ -56,7 +58,6 @@ from benchmarks._common import (
     deferred_processor,
     header,
 )
-from benchmarks._peers import HAVE_LOGFIRE, NO_LOGFIRE
 from langfuse_mw import runtime
 
 VARIANTS = [

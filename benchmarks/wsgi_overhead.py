@@ -153,7 +153,8 @@ def sentry_app() -> Any:
 
 def logfire_app(peer: LogfirePeer) -> Any:
     app = make_app()
-    app.wsgi_app = peer.logfire.instrument_wsgi(app.wsgi_app)  # type: ignore[method-assign, assignment]
+    wsgi_app: Any = peer.logfire.instrument_wsgi(app.wsgi_app)
+    app.wsgi_app = wsgi_app  # type: ignore[method-assign]
     return app
 
 
@@ -168,7 +169,8 @@ def main() -> None:
         ["langfuse-mw", "langfuse", "flask", "werkzeug", "opentelemetry-sdk",
          "opentelemetry-instrumentation-wsgi", "sentry-sdk", "logfire"],
     )  # fmt: skip
-    from benchmarks._peers import HAVE_LOGFIRE, NO_LOGFIRE, LogfirePeer, SentryPeer
+    from benchmarks._common import HAVE_LOGFIRE, NO_LOGFIRE
+    from benchmarks._peers import LogfirePeer, SentryPeer
 
     sink = EncodingSink()
     otel_exporter = EncodingExporter()

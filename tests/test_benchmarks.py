@@ -18,7 +18,7 @@ import pytest
 from opentelemetry import trace as otel_trace
 
 from benchmarks import instructions, server_throughput
-from benchmarks._peers import HAVE_LOGFIRE, NO_LOGFIRE
+from benchmarks._common import HAVE_LOGFIRE, NO_LOGFIRE
 from tests.servers import ROOT
 
 
@@ -106,7 +106,8 @@ import json
 import sentry_sdk
 from opentelemetry import propagate, trace
 from benchmarks import asgi_overhead, wsgi_overhead
-from benchmarks._peers import HAVE_LOGFIRE, LogfirePeer, SentryPeer
+from benchmarks._common import HAVE_LOGFIRE
+from benchmarks._peers import LogfirePeer, SentryPeer
 
 textmap = propagate.get_global_textmap()
 sentry, dropping = SentryPeer(1.0), SentryPeer(0.0)
