@@ -109,7 +109,10 @@ class AsyncTracingTransport(httpx.AsyncBaseTransport):
 
 class _SyncStream(httpx.SyncByteStream):
     # The call ends when its body was read and closed (streamed LLM answers included), or
-    # when a body nobody closed is freed.
+    # when a body nobody closed is freed. A body httpx decodes (Content-Encoding) ends at the
+    # decoder's flush, which httpx calls after closing the stream: the end can fail there.
+    decoded = exhausted = False
+
     def __init__(self, stream: Any, call: OutboundCall, status: int) -> None:
         self._stream, self._call, self._status = stream, call, status
         weakref.finalize(self, call.finish, status).atexit = False
@@ -122,15 +125,19 @@ class _SyncStream(httpx.SyncByteStream):
         except BaseException as exc:
             self._call.finish(self._status, exc)
             raise
+        self.exhausted = True
 
     def close(self) -> None:
         try:
             self._stream.close()
         finally:
-            self._call.finish(self._status)
+            if not (self.exhausted and self.decoded):  # else the decoder's flush ends it
+                self._call.finish(self._status)
 
 
 class _AsyncStream(httpx.AsyncByteStream):
+    decoded = exhausted = False  # as in _SyncStream
+
     def __init__(self, stream: Any, call: OutboundCall, status: int) -> None:
         self._stream, self._call, self._status = stream, call, status
         weakref.finalize(self, call.finish, status).atexit = False
@@ -144,12 +151,14 @@ class _AsyncStream(httpx.AsyncByteStream):
         except BaseException as exc:  # a read error, or cancelled mid-body
             self._call.finish(self._status, exc)
             raise
+        self.exhausted = True
 
     async def aclose(self) -> None:
         try:
             await self._stream.aclose()
         finally:
-            self._call.finish(self._status)
+            if not (self.exhausted and self.decoded):
+                self._call.finish(self._status)
 
 
 class _ContentDecoder(Protocol):
@@ -168,6 +177,9 @@ def _watch_decoding(response: httpx.Response, call: OutboundCall) -> None:
         if get_decoder is not None:  # httpx's own (private) hook; without it, unrecorded
             decoder = _Decoder(get_decoder(), call, response.status_code)
             response._decoder = decoder  # type: ignore[assignment]
+            stream = response.stream
+            if isinstance(stream, _SyncStream | _AsyncStream):
+                stream.decoded = True  # its end is the decoder's flush
     except Exception as exc:
         report("httpx.decoder", exc)
 
@@ -188,11 +200,14 @@ class _Decoder:
             raise
 
     def flush(self) -> bytes:
+        # After the whole body was read and its stream closed: the call ends here.
         try:
-            return self._decoder.flush()
-        except BaseException as exc:
+            data = self._decoder.flush()
+        except BaseException as exc:  # a zstd or brotli stream cut short
             self._call.finish(self._status, exc)
             raise
+        self._call.finish(self._status)
+        return data
 
 
 class TracedClient(httpx.Client):
