@@ -52,6 +52,9 @@ SERVER_ERROR_ATTEMPTS = 3
 # Bytes of a response body read at most: enough for an error's detail (a 2xx needs none); a
 # proxy's 200 MiB error page is never held in memory.
 BODY_CAP = 4096
+# An attempt still running this long after its deadline has its connection closed under it
+# (the body read stops at the deadline itself; this is for headers and uploads that trickle).
+WATCHDOG_GRACE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,17 +129,26 @@ class HttpSender:
             self._headers["Content-Encoding"] = "gzip"
         self._gzip = compression == "gzip"
         self._describe = describe or endpoint
-        self._client: httpx.Client | None = None
+        # One client (connection pool) per thread: the forwarder's workers and the spool's
+        # replay thread share a sender, and the watchdog of one attempt closes its own
+        # thread's connections only.
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []  # every thread's, for close()
+        self._clients_lock = threading.Lock()
 
     def _http(self) -> httpx.Client:
-        if self._client is None:
+        client: httpx.Client | None = getattr(self._local, "client", None)
+        if client is None:
             # trust_env: HTTP(S)_PROXY / NO_PROXY and SSL_CERT_FILE / SSL_CERT_DIR apply, as
             # they do to the langfuse SDK's own exporter (egress proxies, private CAs). A no-op
             # auth keeps our Authorization header as it is: neither a netrc file nor
             # credentials in the URL replace it. No redirects: a 3xx must count as a failure,
             # never as a delivered batch.
-            self._client = httpx.Client(auth=httpx.Auth(), follow_redirects=False, trust_env=True)
-        return self._client
+            client = httpx.Client(auth=httpx.Auth(), follow_redirects=False, trust_env=True)
+            self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
 
     def encode(self, spans: Sequence[Item]) -> bytes:
         """Encode spans as an OTLP ``ExportTraceServiceRequest`` (optionally gzip-compressed)."""
@@ -185,15 +197,35 @@ class HttpSender:
             headers = {k: v for k, v in headers.items() if k != "Content-Encoding"}
             if gzipped:
                 headers["Content-Encoding"] = "gzip"
+        client = self._http()
+        # httpx's timeouts are per read and per write: a server (or proxy) that trickles its
+        # headers, or reads the upload byte by byte, would hold the attempt as long as it
+        # likes. Past the deadline a watchdog closes the client under the request, which then
+        # fails at its next read or write.
+        expired = threading.Event()
+        watchdog = threading.Timer(timeout + WATCHDOG_GRACE, _expire, (client, expired))
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            with self._http().stream(
+            with client.stream(
                 "POST", self.endpoint, content=body, headers=headers, timeout=timeout
             ) as response:
                 return self._answer(response, deadline)
         except httpx.TimeoutException:
             return Outcome(retry=True, error=f"timeout after {timeout:.1f}s")
-        except httpx.HTTPError as exc:
-            return Outcome(retry=True, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if expired.is_set():
+                return Outcome(retry=True, error=f"no complete answer within {timeout:.1f}s")
+            if isinstance(exc, httpx.HTTPError):
+                return Outcome(retry=True, error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            watchdog.cancel()
+            if expired.is_set():  # closed by the watchdog: a new one for the next attempt
+                self._local.client = None
+                with self._clients_lock:
+                    if client in self._clients:
+                        self._clients.remove(client)
 
     def _answer(self, response: httpx.Response, deadline: float) -> Outcome:
         # The status line decides; the body is only an error's detail. A small 2xx body is
@@ -227,13 +259,17 @@ class HttpSender:
         return Outcome(drop_reason="rejected", error=detail)
 
     def reset(self) -> None:
-        # After fork the parent's connection pool must not be reused.
-        self._client = None
+        # After fork the parent's connection pools must not be reused.
+        self._local = threading.local()
+        self._clients = []
+        self._clients_lock = threading.Lock()
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        self._local = threading.local()
+        for client in clients:
+            client.close()
 
 
 def encode_or_isolate(
@@ -255,6 +291,15 @@ def with_unencodable(outcome: Outcome, bad: tuple[int, ...], error: str) -> Outc
     if not bad:
         return outcome
     return dataclasses.replace(outcome, unencodable=bad, unencodable_error=error)
+
+
+def _expire(client: httpx.Client, expired: threading.Event) -> None:
+    # The watchdog of HttpSender.post: the attempt is past its deadline.
+    expired.set()
+    try:
+        client.close()
+    except Exception as exc:
+        report("export.watchdog", exc)
 
 
 def _read_capped(response: httpx.Response, deadline: float) -> bytes:

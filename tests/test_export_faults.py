@@ -120,6 +120,23 @@ def trickle(status: int, declared: int) -> Handler:
     return handle
 
 
+def trickle_headers(n_slow: int) -> Handler:
+    """Request ``n_slow`` and earlier: the status line, then a header one byte every 0.1 s,
+    never ending (a proxy gone wrong). Later requests: a plain 200."""
+
+    def handle(connection: socket.socket, n: int) -> bool:
+        if n > n_slow:
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            return False
+        connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(600):
+            connection.sendall(b"x")
+            time.sleep(0.1)
+        return True
+
+    return handle
+
+
 @pytest.fixture
 def servers() -> Iterator[list[RawServer]]:
     started: list[RawServer] = []
@@ -203,6 +220,23 @@ def test_a_trickling_body_cannot_hold_an_attempt_past_its_deadline(
     else:
         assert outcome.retry and outcome.error is not None
         assert outcome.error.startswith("HTTP 503")
+    sender.close()
+
+
+def test_trickling_headers_cannot_hold_an_attempt_past_its_deadline(
+    servers: list[RawServer],
+) -> None:
+    # httpx's timeouts are per read: headers that trickle in byte by byte would hold the
+    # attempt as long as they last. A watchdog closes the connection at the deadline.
+    sender = HttpSender(serve(servers, trickle_headers(1)) + INGEST_PATH, {})
+    timeout = 1.0
+    thread, outcomes = post_in_thread(sender, timeout)
+    thread.join(timeout + 2.0)  # the requirement's bound, with slack for a loaded machine
+    assert not thread.is_alive()
+    [outcome] = outcomes
+    assert outcome.retry and not outcome.ok
+    assert outcome.error == "no complete answer within 1.0s"
+    assert sender.post(b"", timeout).ok  # the next attempt has connections of its own
     sender.close()
 
 
