@@ -26,6 +26,7 @@ _pack_fixed32 = struct.Struct("<I").pack
 _SMALL = [bytes([n]) for n in range(128)]
 _INT64 = (1 << 64) - 1
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_TEXT_INT_BITS = 10_000  # ~3 000 digits: within sys.get_int_max_str_digits()'s default
 # OTel SpanKind (INTERNAL=0 ...) to OTLP's enum (SPAN_KIND_INTERNAL=1 ...).
 _KIND_OFFSET = 1
 _FLAGS_HAS_IS_REMOTE = 0x100
@@ -91,9 +92,12 @@ def encode_value(value: Any) -> bytes:
         return field(b"\x0a", utf8(value))
     if isinstance(value, int):
         if not _INT64_MIN <= value <= _INT64_MAX:
-            # Beyond int64 (OTLP's int): as text, rather than wrapped into another number.
+            # Beyond int64 (OTLP's int): as text, rather than wrapped into another number
+            # (and described past the ~4 300 digits str() refuses to write).
             _failsafe.reject("int_out_of_range")
-            return field(b"\x0a", str(value).encode())
+            bits = value.bit_length()
+            text = str(value) if bits <= _TEXT_INT_BITS else f"<int of {bits} bits>"
+            return field(b"\x0a", text.encode())
         return b"\x18" + varint(value & _INT64)
     if isinstance(value, float):
         return b"\x21" + _pack_double(value)

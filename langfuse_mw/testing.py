@@ -65,16 +65,18 @@ class CaptureSender:
         self.spans: list[dict[str, Any]] = []
 
     def send(self, spans: Sequence[Item], timeout: float) -> Outcome:
-        from ._encode import encode_request
         from ._otlp import decode_protobuf, spans_from_request
-        from .export import SENT
+        from .export import SENT, HttpSender, encode_or_isolate, with_unencodable
 
-        body = encode_request(spans)
+        # As the real senders do: a span that cannot be encoded is left out, alone.
+        body, bad, error = encode_or_isolate(HttpSender("", {}, compression="none"), spans)
+        if body is None:
+            return Outcome(drop_reason="encoding", error=error)
         decoded = [view(span) for span in spans_from_request(decode_protobuf(body))]
         with self._lock:
             self.requests.append(body)
             self.spans.extend(decoded)
-        return SENT
+        return with_unencodable(SENT, bad, error)
 
     def reset(self) -> None:
         return None

@@ -22,6 +22,7 @@ from langfuse_mw._encode import encode_request
 from langfuse_mw.config import resolve_settings
 from langfuse_mw.core import Observation
 from langfuse_mw.export import SENT, Outcome
+from langfuse_mw.testing import LangfuseCapture
 from tests.asgi_driver import call
 from tests.conftest import traced_app
 
@@ -167,14 +168,16 @@ def test_lone_surrogates_become_replacement_characters_not_invalid_utf8() -> Non
 
 
 def test_integers_beyond_int64_are_text_not_wrapped() -> None:
-    span = make_span({"huge": 2**64 + 5, "low": -(2**63) - 1, "edge": 2**63 - 1})
+    span = make_span({"huge": 2**64 + 5, "low": -(2**63) - 1, "edge": 2**63 - 1, "vast": 10**5000})
     values = {
         kv.key: kv.value for kv in ours([span]).resource_spans[0].scope_spans[0].spans[0].attributes
     }
     assert values["huge"].string_value == str(2**64 + 5)
     assert values["low"].string_value == str(-(2**63) - 1)
     assert values["edge"].int_value == 2**63 - 1
-    assert _failsafe.rejected_inputs["int_out_of_range"] == 2
+    # str() refuses ints past ~4 300 digits: described, not lost with its batch.
+    assert values["vast"].string_value == f"<int of {(10**5000).bit_length()} bits>"
+    assert _failsafe.rejected_inputs["int_out_of_range"] == 3
 
 
 async def test_a_failed_request_weighs_its_exception_in_the_queue() -> None:
@@ -195,3 +198,15 @@ async def test_a_failed_request_weighs_its_exception_in_the_queue() -> None:
     stack = obs.error_event["exception.stacktrace"]
     assert len(stack) > 500
     assert obs.approx_size() >= 900 + len(stack)
+
+
+def test_the_test_kit_leaves_out_an_unencodable_span_alone(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    # As in production: the other spans of the batch still arrive.
+    rt = runtime.current()
+    assert rt is not None and rt.queue is not None
+    rt.queue.emit(make_span({"odd": {"a set"}}, name="odd"))
+    rt.queue.emit(make_span({"a": "x"}, name="fine"))
+    assert [s["name"] for s in langfuse_capture.spans()] == ["fine"]
+    assert rt.health()["dropped"] == {"encoding": 1}
