@@ -548,22 +548,14 @@ class ExportQueue:
                     last_still_failing = time.monotonic()
                     logger.warning("langfuse_mw: export still failing (%s)", self._summary())
                 if give_up:
-                    reason = outcome.drop_reason or "server_error"
-                    self._drop_batch(reason, len(batch))
-                    log_once(
-                        f"drop:{reason}",
-                        "langfuse_mw: dropped a batch of %d spans (%s): %s",
-                        len(batch),
-                        reason,
-                        outcome.error,
-                    )
+                    self._give_up(batch, outcome.drop_reason or "server_error", outcome.error)
                     server_error_attempts = 0
                     batch = []
             else:
                 reason = outcome.drop_reason or ("too_large" if outcome.split else "rejected")
                 self._record_error(outcome.error)
-                self._drop_batch(reason, len(batch))
                 if outcome.fatal:
+                    self._drop_batch(reason, len(batch))
                     self._fatal = True
                     logger.error(
                         "langfuse_mw: Langfuse refused the credentials (%s); check "
@@ -574,13 +566,7 @@ class ExportQueue:
                         rest = self._clear()
                     self._drop_batch("auth", rest)
                 else:
-                    log_once(
-                        f"drop:{reason}",
-                        "langfuse_mw: dropped a batch of %d spans (%s): %s",
-                        len(batch),
-                        reason,
-                        outcome.error,
-                    )
+                    self._give_up(batch, reason, outcome.error)
                 server_error_attempts = 0
                 batch = []
         # Leftovers at exit: counted, and reported by shutdown().
@@ -588,6 +574,17 @@ class ExportQueue:
         self._notify_idle()
         if self._closed:
             self._close_sender()  # shutdown's deadline passed before this thread ended
+
+    def _give_up(self, batch: list[tuple[Item, int]], reason: str, error: str | None) -> None:
+        # A batch dropped for good: counted, and said once a minute per reason.
+        self._drop_batch(reason, len(batch))
+        log_once(
+            f"drop:{reason}",
+            "langfuse_mw: dropped a batch of %d spans (%s): %s",
+            len(batch),
+            reason,
+            error,
+        )
 
     def _close_sender(self) -> None:
         # Once, by shutdown() or by the thread ending after it (its connections released).
