@@ -131,3 +131,21 @@ class LogfirePeer:
 
     def flush(self) -> None:
         self.logfire.force_flush(timeout_millis=30_000)
+
+
+def print_counts(
+    sentry: tuple[SentryPeer, SentryPeer], logfire: tuple[LogfirePeer | None, LogfirePeer | None]
+) -> None:
+    """What the peers sent, traced and not sampled (the second of each pair): the check that
+    their sampling held (one per request traced, none dropped)."""
+    print(
+        f"sentry transactions sent: traced {sentry[0].transport.sent['transaction']}, not "
+        f"sampled {sentry[1].transport.sent['transaction']}"
+    )
+    traced, dropping = logfire
+    if traced is not None and dropping is not None:
+        dropping.flush()
+        print(
+            f"logfire spans exported: traced {traced.exporter.spans}, not sampled "
+            f"{dropping.exporter.spans}"
+        )

@@ -170,7 +170,7 @@ def main() -> None:
          "opentelemetry-instrumentation-wsgi", "sentry-sdk", "logfire"],
     )  # fmt: skip
     from benchmarks._common import HAVE_LOGFIRE, NO_LOGFIRE
-    from benchmarks._peers import LogfirePeer, SentryPeer
+    from benchmarks._peers import LogfirePeer, SentryPeer, print_counts
 
     sink = EncodingSink()
     otel_exporter = EncodingExporter()
@@ -233,16 +233,7 @@ def main() -> None:
         f"langfuse_mw export: created={health['created']} exported={health['exported']} "
         f"dropped={health['dropped']} (sink saw {sink.spans}); otel exported {otel_exporter.spans}"
     )
-    print(
-        f"sentry transactions sent: traced {sentry.transport.sent['transaction']}, not sampled "
-        f"{sentry_dropping.transport.sent['transaction']}"
-    )
-    if logfire is not None and logfire_dropping is not None:
-        logfire_dropping.flush()
-        print(
-            f"logfire spans exported: traced {logfire.exporter.spans}, not sampled "
-            f"{logfire_dropping.exporter.spans}"
-        )
+    print_counts((sentry, sentry_dropping), (logfire, logfire_dropping))
 
 
 if __name__ == "__main__":
