@@ -8,13 +8,27 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from langfuse_mw.devserver import DevServer
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def local_receiver(public_key: str, secret_key: str) -> Iterator[DevServer]:
+    """A receiver on 127.0.0.1 with an in-memory store, for a fixture to ``yield from``."""
+    server = DevServer(
+        host="127.0.0.1", port=0, db=":memory:", public_key=public_key, secret_key=secret_key
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

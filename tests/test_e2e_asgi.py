@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from langfuse_mw.devserver import DevServer
-from tests.servers import Server, free_port, wait_for
+from tests.servers import Server, free_port, local_receiver, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -20,12 +20,7 @@ KEYS = {"LANGFUSE_PUBLIC_KEY": "pk-lf-e2e", "LANGFUSE_SECRET_KEY": "sk-lf-e2e"}
 
 @pytest.fixture
 def receiver() -> Iterator[DevServer]:
-    server = DevServer(
-        host="127.0.0.1", port=0, db=":memory:", public_key="pk-lf-e2e", secret_key="sk-lf-e2e"
-    )
-    server.start()
-    yield server
-    server.stop()
+    yield from local_receiver("pk-lf-e2e", "sk-lf-e2e")
 
 
 def uvicorn(base_url: str, workers: int = 1, **env: str) -> Server:

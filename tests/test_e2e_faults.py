@@ -16,6 +16,7 @@ from langfuse_mw.devserver import DevServer
 from tests import apps
 from tests.asgi_driver import call
 from tests.conftest import traced_app
+from tests.servers import local_receiver
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -24,10 +25,7 @@ PK, SK = "pk-lf-faults", "sk-lf-faults"
 
 @pytest.fixture
 def receiver() -> Iterator[DevServer]:
-    server = DevServer(host="127.0.0.1", port=0, db=":memory:", public_key=PK, secret_key=SK)
-    server.start()
-    yield server
-    server.stop()
+    yield from local_receiver(PK, SK)
 
 
 def install(base_url: str, **options: Any) -> runtime.Runtime:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from langfuse_mw.devserver import DevServer
-from tests.servers import Server, free_port, wait_for
+from tests.servers import Server, free_port, local_receiver, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -73,12 +73,7 @@ ASYNC_URLS = {"django-uvicorn-async-views": "tests.django_project.urls_async"}
 
 @pytest.fixture
 def receiver() -> Iterator[DevServer]:
-    server = DevServer(
-        host="127.0.0.1", port=0, db=":memory:", public_key=PUBLIC_KEY, secret_key=SECRET_KEY
-    )
-    server.start()
-    yield server
-    server.stop()
+    yield from local_receiver(PUBLIC_KEY, SECRET_KEY)
 
 
 @pytest.fixture

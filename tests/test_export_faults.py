@@ -30,6 +30,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from langfuse_mw._encode import encode_request
 from langfuse_mw.devserver import DevServer
 from langfuse_mw.export import ExportQueue, HttpSender, Outcome
+from tests.servers import local_receiver
 
 PK, SK = "pk-lf-export-faults", "sk-lf-export-faults"
 INGEST_PATH = "/api/public/otel/v1/traces"
@@ -153,10 +154,7 @@ def serve(servers: list[RawServer], handler: Handler, tls: ssl.SSLContext | None
 
 @pytest.fixture
 def receiver() -> Iterator[DevServer]:
-    server = DevServer(host="127.0.0.1", port=0, db=":memory:", public_key=PK, secret_key=SK)
-    server.start()
-    yield server
-    server.stop()
+    yield from local_receiver(PK, SK)
 
 
 def span(n: int, **attributes: Any) -> ReadableSpan:

@@ -30,7 +30,7 @@ from langfuse_mw.devserver import DevServer
 from langfuse_mw.export import Outcome
 from tests import apps
 from tests.asgi_driver import call
-from tests.servers import Server, free_port
+from tests.servers import Server, free_port, local_receiver
 
 PK, SK = "pk-lf-reliability", "sk-lf-reliability"
 KEYS = {"LANGFUSE_PUBLIC_KEY": PK, "LANGFUSE_SECRET_KEY": SK}
@@ -40,10 +40,7 @@ META = "langfuse.observation.metadata."
 
 @pytest.fixture
 def receiver() -> Iterator[DevServer]:
-    server = DevServer(host="127.0.0.1", port=0, db=":memory:", public_key=PK, secret_key=SK)
-    server.start()
-    yield server
-    server.stop()
+    yield from local_receiver(PK, SK)
 
 
 class BlackHole:

@@ -19,7 +19,7 @@ from opentelemetry import trace as otel_trace
 import langfuse_mw
 from langfuse_mw import runtime
 from langfuse_mw.devserver import DevServer
-from tests.servers import wait_for
+from tests.servers import local_receiver, wait_for
 
 
 @pytest.fixture
@@ -183,12 +183,7 @@ with client.start_as_current_observation(name="after-the-signal"):
 
 @pytest.fixture
 def receiver() -> Iterator[DevServer]:
-    server = DevServer(
-        host="127.0.0.1", port=0, db=":memory:", public_key="pk-lf-e2e", secret_key="sk-lf-e2e"
-    )
-    server.start()
-    yield server
-    server.stop()
+    yield from local_receiver("pk-lf-e2e", "sk-lf-e2e")
 
 
 @pytest.mark.parametrize(
