@@ -14,6 +14,7 @@ import dataclasses
 import gzip
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -368,7 +369,9 @@ class ExportQueue:
         # Re-entrant: a response body ended by the garbage collector emits its span, and a
         # collection can start in a thread inside emit(), holding this lock.
         self._lock = threading.RLock()
-        self._wake = threading.Event()
+        # Wakes the export thread. A SimpleQueue, not an Event: its put() is re-entrant, so
+        # an emit from a finalizer may interrupt it (an Event's set() holds a plain lock).
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._idle = threading.Condition(threading.Lock())
         self._in_flight = 0
         self._stop = False
@@ -432,7 +435,7 @@ class ExportQueue:
                 self.max_queue_bytes // (1024 * 1024),
             )
         elif queued == self.max_batch_size:
-            self._wake.set()  # once, when a batch is complete: the thread drains the rest
+            self._wake.put(None)  # once, when a batch is complete: the thread drains the rest
 
     def _full(self, size: int) -> bool:
         return (
@@ -475,8 +478,7 @@ class ExportQueue:
                 # A full batch goes out at once (a burst drains without pauses); otherwise
                 # wait for the interval, a full batch, or a flush.
                 if self._queued < self.max_batch_size and not self._stop:
-                    self._wake.wait(self.flush_interval)
-                    self._wake.clear()
+                    self._sleep(self.flush_interval)
                 if self._stop and not self._queued:
                     break
                 with self._lock:
@@ -491,8 +493,7 @@ class ExportQueue:
             if now < retry_at:
                 if self._stop:
                     break
-                self._wake.wait(min(retry_at - now, 1.0))
-                self._wake.clear()
+                self._sleep(min(retry_at - now, 1.0))
                 continue
             if failures:
                 self.breaker = "half-open"  # this attempt is the probe
@@ -683,6 +684,16 @@ class ExportQueue:
 
     # -- flush and shutdown ---------------------------------------------------------------
 
+    def _sleep(self, timeout: float) -> None:
+        # Until woken or the timeout passes; wake-ups given meanwhile count as one.
+        wake = self._wake
+        try:
+            wake.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while not wake.empty():
+            wake.get_nowait()
+
     @property
     def pending(self) -> int:
         """Spans queued or being sent."""
@@ -702,7 +713,7 @@ class ExportQueue:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self._wake.set()
+            self._wake.put(None)
             with self._idle:
                 self._idle.wait(min(remaining, 0.05))
         return self._handled() >= target or self.pending == 0
@@ -720,7 +731,7 @@ class ExportQueue:
         self.flush(timeout)
         self._closed = True
         self._stop = True
-        self._wake.set()
+        self._wake.put(None)
         self._thread.join(max(0.0, self._deadline - time.monotonic()))
         with self._lock:
             left = self._clear() + self._in_flight

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 
+from langfuse_mw import export
 from langfuse_mw.export import ExportQueue, HttpSender, Outcome, parse_retry_after
 
 SENT = Outcome(ok=True)
@@ -441,4 +443,59 @@ def test_the_byte_bound_counts_events_and_lists_of_strings() -> None:
     assert stats["queued_bytes"] <= bound and stats["dropped"]["queue_full"] > 0, stats
     assert balanced(stats)
     sender.release.set()
+    q.shutdown(1)
+
+
+def test_emit_from_a_finalizer_inside_a_wake_up_does_not_deadlock() -> None:
+    # A response body freed by the garbage collector emits its span from wherever the
+    # collection started: possibly while this thread is waking the export thread (flush()
+    # does, and so does the thread's own wait). A nested emit runs here at every Python line
+    # of flush() and of the threading code it calls, each finding one span short of a batch,
+    # so each wakes the export thread again: a wake-up that holds a plain lock would hang.
+    sender = ScriptedSender()
+    sender.release.clear()
+    q = queue(sender, max_batch_size=2, flush_interval=5)
+    q.emit(span(1))
+    q.emit(span(2))  # a full batch: the export thread takes it, and the sender holds it
+    deadline = time.monotonic() + 5
+    while q._in_flight != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    q.emit(span(3))  # one span short of the next batch
+    spare = [span(n) for n in range(10_000, 14_000)]  # built ahead: the SDK has locks too
+    held: list[Any] = []
+    busy = False
+    watched = (os.path.dirname(export.__file__), os.path.dirname(threading.__file__))
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal busy
+        if event == "line" and not busy and frame.f_code.co_filename.startswith(watched):
+            busy = True  # one level deep, as a finalizer that emits would be
+            try:
+                q.emit(spare[len(held)])
+                with q._lock:  # taken back (emitted again below): one short of a batch again
+                    item, size = q._queue.pop()
+                    q._bytes -= size
+                    q.created -= 1
+                held.append(item)
+            finally:
+                busy = False
+        return tracer
+
+    def flusher() -> None:
+        sys.settrace(tracer)
+        try:
+            q.flush(0.3)  # cannot finish: the sender still holds the first batch
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=flusher, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "an emit inside a wake-up deadlocked"
+    assert len(held) > 10
+    sender.release.set()
+    for item in held:
+        q.emit(item)
+    assert q.flush(5)
+    assert sender.sent == 3 + len(held) and balanced(q.stats())
     q.shutdown(1)
