@@ -730,7 +730,8 @@ class Observation(RequestState, SpanRecord):
             A_META + "requestId": encode_basestring(self.request_id),
             A_META + "route": encode_basestring(route),
             A_META + "framework": encode_basestring(info.framework),
-            A_META + "responseSize": str(self.bytes_sent),
+            # A HEAD response's body (frameworks may produce the GET body) never leaves.
+            A_META + "responseSize": "0" if info.method == "HEAD" else str(self.bytes_sent),
         }
         if self.first_byte_ns:
             ttfb = (self.first_byte_ns - self.start_ns) / 1e6

@@ -411,6 +411,16 @@ def test_concurrent_requests_in_threads_never_mix_users(
         assert child["user_id"] == roots[child["parent_span_id"]]["user_id"]
 
 
+def test_a_head_response_has_no_body_to_count(
+    langfuse_capture: LangfuseCapture, adapter: Adapter
+) -> None:
+    # Some frameworks produce the GET body for HEAD; the server sends none of it.
+    traced(adapter)("/hello", method="HEAD")
+    root = langfuse_capture.single(name=f"HEAD {adapter.template('/hello')}")
+    assert root["output"] == {"statusCode": 200}
+    assert root["metadata"]["responseSize"] == 0
+
+
 # Django under ASGI warns that it reads a file synchronously: its own remark, not ours.
 @pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
 def test_file_responses_end_when_closed(

@@ -148,6 +148,17 @@ async def test_query_secrets_and_sensitive_headers_never_leave_the_process(
 
 
 @framework
+async def test_a_head_response_has_no_body_to_count(
+    langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str
+) -> None:
+    # Starlette sends the GET body for HEAD; the server sends none of it.
+    response = await make_client(traced_app(framework)).head("/hello")
+    assert response.status_code == 200 and response.content == b""
+    root = langfuse_capture.single(name="HEAD /hello")
+    assert root["metadata"]["responseSize"] == 0
+
+
+@framework
 @placement
 async def test_unhandled_exception_is_recorded_and_reraised_untouched(
     langfuse_capture: LangfuseCapture, make_client: ClientFactory, framework: str, placement: str
