@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from .core import RequestInfo
 
-__all__ = ["ConfigError", "Settings", "resolve_settings"]
+__all__ = ["ConfigError", "Settings", "mask_secret", "redact_url", "resolve_settings"]
 
 Level = Literal["DEBUG", "DEFAULT", "WARNING", "ERROR"]
 _LEVELS = ("DEBUG", "DEFAULT", "WARNING", "ERROR")
@@ -25,6 +25,11 @@ _ENVIRONMENT = re.compile(r"(?!langfuse)[a-z0-9_-]{1,40}")
 MAX_SECONDS = 3600.0
 # HTTP field names are RFC 9110 tokens; we compare them lower-cased.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+# Methods are tokens too, compared upper-cased.
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")
+# Route parameters in sample_rules templates, as sampling.py reads them; a brace or angle
+# bracket left over is a typo that would silently never match.
+_ROUTE_PARAM = re.compile(r"\{[^}:]+:path\}|\{[^}]+\}|<path:[^>]+>|<[^>]+>")
 
 # Paths no preset traces: probes, metrics, API docs, static files.
 DEFAULT_EXCLUDE_PATHS = (
@@ -61,6 +66,33 @@ DEFAULT_REDACT_QUERY_KEYS = (
 
 class ConfigError(ValueError):
     """An option has a value that is not allowed; the message names the option."""
+
+
+def mask_secret(secret: str) -> str:
+    """The secret key as it may be shown: Langfuse's public ``sk-lf-`` prefix, the last two
+    characters of a long key, and the length; never enough of a short key to guess it."""
+    prefix = "sk-lf-" if secret.startswith("sk-lf-") else ""
+    rest = secret[len(prefix) :]
+    tail = rest[-2:] if len(rest) >= 10 else ""
+    shown = f"{prefix}…{tail}" if prefix or tail else "********"
+    return f"{shown} ({len(secret)} chars)"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with anything before its last ``@`` (user and password) and the value of a
+    ``password=`` parameter (redis-py reads one) replaced by ``***``.
+
+    Works on malformed URLs too (``redis//:pw@host``), since those are what errors echo.
+    """
+    url = _PASSWORD_PARAM.sub(r"\1***", url)
+    before, at, after = url.rpartition("@")
+    if not at:
+        return url
+    scheme, slashes, _ = before.partition("//")
+    return f"{scheme}{slashes}***@{after}" if slashes else f"***@{after}"
+
+
+_PASSWORD_PARAM = re.compile(r"(?i)([?&;]password=)[^&;#]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +148,21 @@ class Settings:
     # Where each value came from ("argument", "env:NAME", "default"); for `doctor` and logs.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
+    def __repr__(self) -> str:
+        # Settings end up in log lines, tracebacks with locals and error trackers: never the
+        # secret key or a Redis password.
+        shown = []
+        for option in dataclasses.fields(self):
+            if not option.repr:
+                continue
+            value = getattr(self, option.name)
+            if option.name == "secret_key" and value is not None:
+                value = mask_secret(value)
+            elif option.name == "queue_url" and value is not None:
+                value = redact_url(value)
+            shown.append(f"{option.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
     def runtime_key(self) -> tuple[Any, ...]:
         """Return the options that shape the process-wide runtime (not per-request behaviour)."""
         return tuple(getattr(self, name) for name in RUNTIME_OPTIONS)
@@ -137,7 +184,14 @@ _SDK_ENV = {
     "base_url": ("LANGFUSE_BASE_URL", "LANGFUSE_HOST"),
     "environment": ("LANGFUSE_TRACING_ENVIRONMENT",),
     "release": ("LANGFUSE_RELEASE",),
+    # The SDK's switch turns us off too, so one variable disables all tracing; like every
+    # SDK variable it comes after ours (LANGFUSE_MW_ENABLED=true wins), and it is read as the
+    # SDK reads it (_SDK_SWITCH).
+    "enabled": ("LANGFUSE_TRACING_ENABLED",),
 }
+
+
+_SDK_SWITCH = "LANGFUSE_TRACING_ENABLED"
 
 
 def _env_names(name: str) -> tuple[str, ...]:
@@ -164,6 +218,9 @@ def _parse_number(
     article = "an" if kind is int else "a"
     try:
         value = kind(raw)
+        # int(1.5) is 1: a fractional size is a mistake, not a request to round down.
+        if kind is int and isinstance(raw, float) and value != raw:
+            raise ValueError(raw)
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{name}: expected {article} {kind.__name__}, got {raw!r}") from None
     # NaN passes every comparison (an export thread waiting NaN seconds spins), and an
@@ -189,7 +246,9 @@ def _parse_list(name: str, raw: Any) -> tuple[str, ...]:
 
 
 def _parse_header(name: str, raw: Any) -> str:
-    value = str(raw).strip().lower()
+    if not isinstance(raw, str):  # str(None) would be the header "none"
+        raise ConfigError(f"{name}: expected a header name, got {raw!r}")
+    value = raw.strip().lower()
     if not _HEADER_NAME.fullmatch(value):
         raise ConfigError(f"{name}: {raw!r} is not a valid HTTP header name")
     return value
@@ -224,8 +283,81 @@ def _parse_rules(raw: Any) -> tuple[tuple[str, float], ...]:
                 f"sample_rules: expected a route template (or re:regex) and a rate in [0, 1], "
                 f"got {route!r}: {rate!r}"
             )
+        _check_route(route)
         rules.append((route, float(value)))
     return tuple(rules)
+
+
+def _check_route(route: str) -> None:
+    # The sampler compiles these when the middleware is built: a bad one must fail here, as a
+    # ConfigError naming the option, not later as re.error (or never match at all).
+    if route.startswith("re:"):
+        try:
+            re.compile(route[3:])
+        except re.error as exc:
+            raise ConfigError(f"sample_rules: {route!r} is not a valid regex ({exc})") from None
+    elif any(c in _ROUTE_PARAM.sub("", route) for c in "{}<>"):
+        raise ConfigError(
+            f"sample_rules: {route!r} is not a valid route template (unbalanced {{}} or <>; "
+            "parameters are written {name}, {name:int}, <int:name> or {rest:path})"
+        )
+
+
+def _parse_exclude_paths(raw: Any) -> tuple[str, ...]:
+    patterns = _parse_list("exclude_paths", raw)
+    # The core matches all patterns as one regex, each wrapped in (?:...): a pattern valid on
+    # its own can fail there (global flags such as (?i) not at the start, a group name used
+    # twice) and would raise re.error when the middleware is built.
+    for pattern in patterns:
+        try:
+            re.compile(f"(?:{pattern})")
+        except re.error as exc:
+            hint = "; use a scoped flag such as (?i:...)" if "global flags" in str(exc) else ""
+            raise ConfigError(
+                f"exclude_paths: {pattern!r} is not a valid regex ({exc}){hint}"
+            ) from None
+    try:
+        re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
+    except re.error as exc:
+        raise ConfigError(
+            f"exclude_paths: the patterns cannot be combined into one regex ({exc})"
+        ) from None
+    return patterns
+
+
+def _parse_base_url(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(f"base_url: expected an http(s) URL, got {type(raw).__name__}")
+    # Errors show the URL without its user and password (a URL with credentials is refused).
+    shown = redact_url(raw)
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # Never echoed: it would put a password in the error and in every export log line.
+        raise ConfigError(
+            "base_url: credentials in the URL are not used; give the keys as public_key "
+            "and secret_key (LANGFUSE_PUBLIC_KEY, LANGFUSE_SECRET_KEY)"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"base_url: expected an http(s) URL such as https://cloud.langfuse.com, got {shown!r}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:
+        raise ConfigError(f"base_url: {shown!r} has an invalid port") from None
+    # The OTLP path is appended to the URL: a query or fragment would end up in front of it,
+    # and whitespace would only fail at the first export.
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ConfigError(f"base_url: {shown!r} must not have a query or fragment")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"base_url: {shown!r} contains whitespace or control characters")
+    if "/api/public" in parts.path:
+        raise ConfigError(
+            f"base_url: {shown!r} is an API path; give Langfuse's base URL "
+            "(such as https://cloud.langfuse.com), the OTLP path is added to it"
+        )
+    return url
 
 
 def _parse(name: str, raw: Any) -> Any:
@@ -233,19 +365,7 @@ def _parse(name: str, raw: Any) -> Any:
     if name in ("public_key", "secret_key", "release"):
         return _parse_optional_text(name, raw)
     if name == "base_url":
-        url = str(raw).strip().rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(
-                f"base_url: expected an http(s) URL such as https://cloud.langfuse.com, got {raw!r}"
-            )
-        if "@" in parts.netloc:
-            # Never echoed: it would put a password in the error and in every export log line.
-            raise ConfigError(
-                "base_url: credentials in the URL are not used; give the keys as public_key "
-                "and secret_key (LANGFUSE_PUBLIC_KEY, LANGFUSE_SECRET_KEY)"
-            )
-        return url
+        return _parse_base_url(raw)
     if name == "environment":
         env = _parse_optional_text(name, raw)
         if env is not None and not _ENVIRONMENT.fullmatch(env):
@@ -270,11 +390,11 @@ def _parse(name: str, raw: Any) -> Any:
         ):
             raise ConfigError(
                 "queue_url: expected a Redis URL such as redis://host:6379/0 "
-                f"(redis://, rediss:// or unix://), got {raw!r}"
+                f"(redis://, rediss:// or unix://), got {redact_url(queue_url)!r}"
             )
         return queue_url
     if name == "queue_stream":
-        stream = str(raw).strip()
+        stream = raw.strip() if isinstance(raw, str) else ""
         if not stream or len(stream) > 200 or not stream.isprintable() or " " in stream:
             raise ConfigError(
                 f"queue_stream: expected a Redis key of 1-200 printable characters, got {raw!r}"
@@ -315,17 +435,13 @@ def _parse(name: str, raw: Any) -> Any:
     if name.endswith("_header"):
         return _parse_header(name, raw)
     if name == "exclude_paths":
-        patterns = _parse_list(name, raw)
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(
-                    f"exclude_paths: {pattern!r} is not a valid regex ({exc})"
-                ) from None
-        return patterns
+        return _parse_exclude_paths(raw)
     if name == "exclude_methods":
-        return frozenset(method.upper() for method in _parse_list(name, raw))
+        methods = frozenset(method.upper() for method in _parse_list(name, raw))
+        for method in methods:
+            if not _METHOD.fullmatch(method):  # it would never match a request
+                raise ConfigError(f"{name}: {method!r} is not an HTTP method such as GET")
+        return methods
     if name == "redact_query_keys":
         return tuple(key.lower() for key in _parse_list(name, raw))
     if name == "trust_incoming":
@@ -420,7 +536,12 @@ def resolve_settings(
             raw = environ.get(env_name)
             if raw is not None and raw.strip() != "":
                 try:
-                    values[name] = _parse(name, raw)
+                    if env_name == _SDK_SWITCH:
+                        # Only "false" turns the SDK off, anything else leaves it on: our
+                        # requests are traced exactly when its generations are.
+                        values[name] = raw.strip().lower() != "false"
+                    else:
+                        values[name] = _parse(name, raw)
                 except ConfigError as exc:
                     raise ConfigError(f"{exc} (from ${env_name})") from None
                 sources[name] = f"env:{env_name}"
@@ -435,10 +556,6 @@ def resolve_settings(
                 sources[name] = f"preset:{preset}"
             else:
                 sources[name] = "default"
-    # The Langfuse SDK's switch turns us off too, so one variable disables all tracing.
-    if "enabled" not in options and environ.get("LANGFUSE_TRACING_ENABLED", "").lower() == "false":
-        values["enabled"] = False
-        sources["enabled"] = "env:LANGFUSE_TRACING_ENABLED"
     if values.get("queue_url") and values.get("spool_dir"):
         raise ConfigError(
             f"queue_url ({sources['queue_url']}) and spool_dir ({sources['spool_dir']}): "

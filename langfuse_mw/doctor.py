@@ -4,12 +4,13 @@ check that Langfuse accepts the credentials."""
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 import httpx
 
-from .config import Settings, resolve_settings
+from .config import Settings, mask_secret, redact_url, resolve_settings
 
 __all__ = ["check_endpoint", "describe", "run"]
 
@@ -20,8 +21,9 @@ def _show(name: str, value: Any) -> str:
     if value is None:
         return "-"
     if name in _HIDDEN:
-        text = str(value)
-        return f"{text[:6]}…{text[-2:]} ({len(text)} chars)" if len(text) > 8 else "********"
+        return mask_secret(str(value))
+    if name == "queue_url":  # redis://:password@host
+        return redact_url(str(value))
     if callable(value):
         return getattr(value, "__qualname__", repr(value))
     if isinstance(value, tuple | frozenset):
@@ -48,12 +50,22 @@ def check_endpoint(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]
         "Content-Type": "application/x-protobuf",
         "x-langfuse-ingestion-version": "4",
     }
-    try:
-        response = httpx.post(url, content=b"", headers=headers, timeout=timeout)
-    except httpx.HTTPError as exc:
-        return False, f"{url} unreachable: {type(exc).__name__}: {exc}"
+    answer = _post_within(url, headers, timeout)
+    if answer is None:
+        return False, f"{url} gave no answer within {timeout:g} s (export_timeout)"
+    if isinstance(answer, Exception):
+        return False, f"{url} unreachable: {type(answer).__name__}: {answer}"
+    response = answer
     status = response.status_code
     if 200 <= status < 300:
+        # Langfuse answers in JSON (`{}` for an empty batch). A 200 HTML page is a proxy, a
+        # login page or another app: it accepted nothing and checked no credentials.
+        if not _is_json_object(response):
+            kind = response.headers.get("content-type", "no content type")
+            return False, (
+                f"{url} answered HTTP {status} with {kind}, not Langfuse's JSON: "
+                f"this is not Langfuse; check LANGFUSE_BASE_URL"
+            )
         return True, f"{url} accepted the credentials (HTTP {status})"
     if status in (401, 403):
         return False, (
@@ -64,6 +76,36 @@ def check_endpoint(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]
         where = response.headers.get("location", "?")
         return False, f"{url} redirects to {where} (HTTP {status}): fix LANGFUSE_BASE_URL"
     return False, f"{url} answered HTTP {status}: {response.text[:200]!r}"
+
+
+def _post_within(
+    url: str, headers: Mapping[str, str], timeout: float
+) -> httpx.Response | Exception | None:
+    """POST an empty body; the response, the error, or None when ``timeout`` passed first.
+
+    httpx's timeout bounds each read, not the request: an endpoint sending a byte every few
+    seconds (or a slow DNS lookup) would keep the doctor waiting without end. The request
+    runs in a daemon thread that is abandoned at the deadline.
+    """
+    result: list[httpx.Response | Exception] = []
+
+    def post() -> None:
+        try:
+            result.append(httpx.post(url, content=b"", headers=headers, timeout=timeout))
+        except Exception as exc:  # httpx.HTTPError, httpx.InvalidURL, ...
+            result.append(exc)
+
+    thread = threading.Thread(target=post, name="langfuse-mw-doctor", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else None
+
+
+def _is_json_object(response: httpx.Response) -> bool:
+    try:
+        return isinstance(response.json(), dict)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
 
 
 def run(
