@@ -6,7 +6,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["GZIP_MAGIC", "connect", "describe_url", "import_redis"]
+__all__ = ["GZIP_MAGIC", "connect", "describe_url", "drop_idle_connections", "import_redis"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -36,6 +36,19 @@ def connect(url: str, timeout: float) -> Any:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=0,
     )
+
+
+def drop_idle_connections(client: Any) -> None:
+    """After a Redis error: the next command opens a new connection (resolving the host again).
+
+    redis-py keeps a connection that answered with an error. After a failover of a managed
+    Redis the endpoint's name points to the new primary, but a pooled connection to the old
+    one, now a replica, answers every write with READONLY for as long as it stays open.
+    """
+    try:
+        client.connection_pool.disconnect(inuse_connections=False)
+    except Exception:  # a broken connection that cannot even close: it is dropped anyway
+        return
 
 
 def describe_url(url: str) -> str:

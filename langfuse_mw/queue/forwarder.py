@@ -26,7 +26,7 @@ from typing import Any
 
 from ..config import ConfigError, resolve_settings
 from ..export import HttpSender, Outcome
-from ._redis import connect, describe_url, import_redis
+from ._redis import connect, describe_url, drop_idle_connections, import_redis
 from .producer import ENTRY_VERSION
 
 __all__ = [
@@ -117,6 +117,11 @@ class Forwarder:
         self._last_still_failing = 0.0
         self._claim_cursor = "0-0"
         self._next_stats = 0.0
+        # Entries of the current read not started yet: they are ours too, and must look busy
+        # while we work through the ones ahead of them (else XAUTOCLAIM hands them to another
+        # forwarder and both post them).
+        self._behind: list[bytes] = []
+        self._kept_at = 0.0
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -159,11 +164,16 @@ class Forwarder:
                 if redis_failures:
                     logger.warning("Redis is back after %d failed calls", redis_failures)
                     redis_failures = 0
+                self._kept_at = time.monotonic()
                 for n, (entry_id, fields) in enumerate(entries):
                     if self.stop.is_set():
                         self._hand_back([eid for eid, _ in entries[n:]])
                         break
+                    self._behind = [eid for eid, _ in entries[n + 1 :]]
+                    if time.monotonic() - self._kept_at > opts.claim_idle / 3:
+                        self._keep([entry_id, *self._behind])
                     self._process(entry_id, fields)
+                self._behind = []
                 self._maybe_publish_stats()
                 if drain and source == "new" and not entries and self._group_drained():
                     break
@@ -182,6 +192,7 @@ class Forwarder:
                     logger.warning("consumer group %r is gone; recreating it", opts.group)
                     group_ready = False
                     continue
+                drop_idle_connections(self.redis)  # READONLY after a failover: reconnect
                 group_ready = False
                 own_pending = True  # entries read before the failure are still ours
                 redis_failures += 1
@@ -192,8 +203,21 @@ class Forwarder:
                 self.stop.wait(self._delay(redis_failures, None))
         with contextlib.suppress(self._errors.RedisError):
             self.publish_stats()
+            self._leave_group()
         logger.info("forwarder %r stopped: %s", opts.consumer, self._summary())
         return code
+
+    def _leave_group(self) -> None:
+        # A consumer stays in the group until deleted: with the default name (host and pid)
+        # every restart would add one, and "consumers" in --stats would count dead forwarders.
+        # Only one holding no pending entry leaves: deleting a consumer drops its pending list.
+        opts = self.options
+        for info in self.redis.xinfo_consumers(opts.stream, opts.group):
+            name = info.get("name")
+            if (name.decode() if isinstance(name, bytes) else name) == opts.consumer:
+                if int(info.get("pending", 0)) == 0:
+                    self.redis.xgroup_delconsumer(opts.stream, opts.group, opts.consumer)
+                return
 
     def _url(self) -> str:
         kwargs = self.redis.connection_pool.connection_kwargs
@@ -296,8 +320,8 @@ class Forwarder:
 
     def _hold(self, entry_id: bytes, delay: float) -> bool:
         """Wait ``delay`` while keeping the entry ours; False if asked to stop meanwhile."""
-        # Re-claiming resets the entry's idle time, so no other forwarder takes over a batch
-        # we are only waiting to retry.
+        # Re-claiming resets the idle time of the entry and of those read behind it, so no
+        # other forwarder takes over batches we are only waiting to retry or to start.
         deadline = time.monotonic() + delay
         while True:
             left = deadline - time.monotonic()
@@ -306,14 +330,19 @@ class Forwarder:
             if self.stop.wait(min(left, max(0.05, self.options.claim_idle / 3))):
                 return False
             self._maybe_publish_stats()
-            self.redis.xclaim(
-                self.options.stream,
-                self.options.group,
-                self.options.consumer,
-                0,
-                [entry_id],
-                justid=True,
-            )
+            self._keep([entry_id, *self._behind])
+
+    def _keep(self, entry_ids: Sequence[bytes]) -> None:
+        # XCLAIM to ourselves with min-idle 0 resets the entries' idle time.
+        self.redis.xclaim(
+            self.options.stream,
+            self.options.group,
+            self.options.consumer,
+            0,
+            list(entry_ids),
+            justid=True,
+        )
+        self._kept_at = time.monotonic()
 
     def _hand_back(self, entry_ids: Sequence[bytes]) -> None:
         # Mark them idle for claim_idle already: the next XAUTOCLAIM of another forwarder

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..export import SENT, HttpSender, Item, Outcome, encode_or_isolate, with_unencodable
-from ._redis import GZIP_MAGIC, connect, describe_url, import_redis
+from ._redis import GZIP_MAGIC, connect, describe_url, drop_idle_connections, import_redis
 
 __all__ = ["ENTRY_VERSION", "RedisSender", "entry_fields"]
 
@@ -79,6 +79,7 @@ class RedisSender:
             self._conn().xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
         except self._redis.RedisError as exc:
             error = f"{self._describe}: {type(exc).__name__}: {exc}"
+            drop_idle_connections(self._client)  # READONLY after a failover: reconnect
             with self._lock:
                 self.failed_writes += 1
                 self.last_error = error

@@ -9,6 +9,7 @@ order is kept. Several processes may share one directory: they all write, one re
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import logging
 import os
@@ -43,6 +44,11 @@ __all__ = ["SpoolSender"]
 logger = logging.getLogger("langfuse_mw")
 
 _SUFFIXES = (".otlp", ".otlp.gz")
+# A temporary file older than this was left by a process killed mid-write: a write takes
+# milliseconds, so no live writer still owns it.
+_STALE_TMP_AGE = 600.0
+# Read errors of the process, not of the file: the file is retried after a back-off.
+_TRANSIENT_READ_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR)
 
 
 class SpoolSender:
@@ -81,6 +87,9 @@ class SpoolSender:
         self._failures = 0
         self._thread: threading.Thread | None = None
         self._server_errors: dict[str, int] = {}  # file name -> plain 500s so far
+        # Files that cannot be read: left in place for an operator, out of the replay order.
+        self._unreadable: set[str] = set()
+        self._remove_stale_tmp()
         files = self._files()
         self._files_count = len(files)
         self._bytes = sum(_size(f) for f in files)
@@ -220,6 +229,13 @@ class SpoolSender:
                 body = path.read_bytes()
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_READ_ERRORS:
+                    raise
+                # Another user's file, a directory, a bad sector: retrying it would block
+                # every batch behind it for good.
+                self._skip_unreadable(path, exc)
+                continue
             outcome = self.http.post(body, self.timeout, gzipped=path.name.endswith(".gz"))
             if outcome.ok:
                 self._remove(path, len(body))
@@ -260,6 +276,31 @@ class SpoolSender:
                 outcome.error,
             )
 
+    def _skip_unreadable(self, path: Path, exc: OSError) -> None:
+        error = f"cannot read spooled batch {str(path)!r}: {exc}"
+        with self._lock:
+            self._unreadable.add(path.name)
+            self._files_count = max(0, self._files_count - 1)
+            self._bytes = max(0, self._bytes - _size(path))
+            self.dropped["spool_error"] += _span_count(path)
+            self.last_error = error
+        log_once("spool-drop:spool_error", "langfuse_mw: skipped a spooled batch: %s", error)
+
+    def _remove_stale_tmp(self) -> None:
+        # A process killed between creating its .tmp- file and renaming it leaves it behind:
+        # never replayed (it may be partial) and outside spool_max_bytes, it would stay forever.
+        cutoff = time.time() - _STALE_TMP_AGE
+        try:
+            entries = [e for e in os.scandir(self.dir) if e.name.startswith(".tmp-")]
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except OSError:
+                continue
+
     def _remove(self, path: Path, size: int) -> None:
         self._server_errors.pop(path.name, None)
         try:
@@ -275,7 +316,9 @@ class SpoolSender:
             names = sorted(
                 entry.name
                 for entry in os.scandir(self.dir)
-                if not entry.name.startswith(".") and entry.name.endswith(_SUFFIXES)
+                if not entry.name.startswith(".")
+                and entry.name.endswith(_SUFFIXES)
+                and entry.name not in self._unreadable
             )
         except OSError:
             return []
