@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Coroutine, Generator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from opentelemetry import context as otel_context
 
@@ -83,11 +84,20 @@ def get_request_context() -> RequestContext | None:
 def run_with_context(
     ctx: RequestContext, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
 ) -> R:
-    """Call ``fn`` with ``ctx`` as the current request (for example in a thread you started)."""
+    """Call ``fn`` with ``ctx`` as the current request (for example in a thread you started).
+
+    For an async function, the coroutine returned runs with ``ctx`` as the current request
+    whenever and wherever it is awaited (``asyncio.run(run_with_context(ctx, main))``).
+    """
     token = _current.set(ctx)
     otel_token = attach_otel(ctx.otel_context) if ctx.otel_context is not None else None
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
+        if inspect.iscoroutine(result):
+            # Its body runs when awaited, after the reset below: it keeps a copy of this
+            # context, with the request set, for itself.
+            return cast(R, _run_in(contextvars.copy_context(), result))
+        return result
     finally:
         if otel_token is not None:
             detach_otel(otel_token)
@@ -95,16 +105,66 @@ def run_with_context(
 
 
 def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
-    """Return ``fn`` bound to a copy of the caller's context, to run later in any thread."""
+    """Return ``fn`` bound to a copy of the caller's context, to run later in any thread.
+
+    An async function stays async, and its body (not only the creation of its coroutine)
+    runs in the copy, whichever task or event loop awaits it.
+    """
     snapshot = contextvars.copy_context()
+
+    if inspect.iscoroutinefunction(fn):
+        # An async def, so that frameworks checking for one (Starlette's BackgroundTask) await
+        # it instead of calling it in a thread and dropping the coroutine.
+        @functools.wraps(fn)
+        async def bound_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            context = snapshot.copy()
+            return await _RunIn(context, context.run(fn, *args, **kwargs))
+
+        return cast(Callable[P, R], bound_async)
 
     @functools.wraps(fn)
     def bound(*args: P.args, **kwargs: P.kwargs) -> R:
         # A Context can be entered by one thread at a time; copy again so the bound
         # function can run concurrently (e.g. mapped over a pool).
-        return snapshot.copy().run(fn, *args, **kwargs)
+        context = snapshot.copy()
+        result = context.run(fn, *args, **kwargs)
+        if inspect.iscoroutine(result):  # a function returning a coroutine (a lambda)
+            return cast(R, _run_in(context, result))
+        return result
 
     return bound
+
+
+async def _run_in(context: contextvars.Context, coro: Coroutine[Any, Any, R]) -> R:
+    result: R = await _RunIn(context, coro)
+    return result
+
+
+class _RunIn:
+    """Awaits a coroutine, running each of its steps in ``context`` (not the awaiting task's).
+
+    A coroutine runs in the context of whoever drives it, so creating it in a context is not
+    enough; stepping it inside ``context.run`` is, with any event loop (asyncio, trio).
+    """
+
+    __slots__ = ("_context", "_coro")
+
+    def __init__(self, context: contextvars.Context, coro: Coroutine[Any, Any, Any]) -> None:
+        self._context, self._coro = context, coro
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        run, coro = self._context.run, self._coro
+        step: Callable[[Any], Any] = coro.send
+        arg: Any = None
+        while True:
+            try:
+                yielded = run(step, arg)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                arg, step = (yield yielded), coro.send
+            except BaseException as exc:  # cancellation, close(): delivered to the coroutine
+                arg, step = exc, coro.throw
 
 
 def submit_with_context(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
+import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from json.encoder import encode_basestring
 from typing import Any, TypeVar, overload
 
 from opentelemetry import trace as otel_trace
@@ -70,34 +71,138 @@ if hasattr(os, "register_at_fork"):
 
 
 def _preview(value: Any, limit: int) -> str:
-    # JSON, encoded only as far as the limit (a 3-million-item list costs no more than a short
-    # one); objects JSON does not know are named, not repr()'d (a __repr__ may be slow, raise
-    # or print secrets). Never raises: what cannot be encoded is a placeholder.
+    # JSON, encoded only as far as the limit: a 3-million-item list or set, a 200 MB string, a
+    # pydantic model holding either, or a structure deeper than the recursion limit costs no
+    # more than a short one. Objects JSON does not know are named, never repr()'d (a __repr__
+    # may be slow, raise or print secrets). Never raises: what cannot be encoded is a
+    # placeholder.
     parts: list[str] = []
     size = 0
     try:
-        for part in _ENCODER.iterencode(value):
+        for part in _pieces(value, limit):
             parts.append(part)
             size += len(part)
             if size > limit:
                 break
-    except Exception:  # RecursionError from a deep structure, ValueError from a cycle
+    except Exception:  # a container changed size while we iterated it, a hostile __iter__
         return truncate(f"<{type(value).__qualname__}>", limit)
     return truncate("".join(parts), limit)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, set | frozenset):
-        return list(value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return f"<{type(value).__name__}: {len(value)} bytes>"
-    dump = getattr(value, "model_dump", None)  # pydantic models: their fields
-    if callable(dump):
-        return dump(mode="json")
-    return f"<{type(value).__qualname__}>"
+# Containers deeper than this are named: no one reads further, and JSON decoders with a
+# recursion limit (Python's json, used by the devserver and the test kit) fail on deeper input.
+MAX_DEPTH = 100
+_ITEM = object()  # the "key" of a list's entries (None is a dict key like any other)
+# Pieces of one container being encoded: its remaining (key, value) entries (key _ITEM in a
+# list), its closing bracket, its id (a cycle is named, not followed) and whether it has
+# written an entry yet (for the separator).
+_Entries = Iterator[tuple[Any, Any]]
+_Frame = tuple[_Entries, str, int, list[bool]]
 
 
-_ENCODER = json.JSONEncoder(default=_json_default, ensure_ascii=False, check_circular=True)
+def _pieces(value: Any, limit: int) -> Iterator[str]:
+    # An explicit stack, not recursion: the depth a structure can have is the budget's, not
+    # the interpreter's recursion limit. Types are read with type(), never isinstance(): a
+    # proxy's __class__ (Django's SimpleLazyObject) or __getattr__ (a Mock) may run code.
+    stack: list[_Frame] = []
+    active: set[int] = set()
+    while True:
+        piece, entries, closer = _open(value, limit, active, len(stack) >= MAX_DEPTH)
+        yield piece
+        if entries is not None:
+            active.add(id(value))
+            stack.append((entries, closer, id(value), [False]))
+        while stack:
+            entries, closer, ident, started = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                active.discard(ident)
+                yield closer
+                continue
+            key, value = entry
+            head = ", " if started[0] else ""
+            started[0] = True
+            yield head if key is _ITEM else f"{head}{_key(key, limit)}: "
+            break
+        else:
+            return
+
+
+def _open(
+    value: Any, limit: int, active: set[int], too_deep: bool = False
+) -> tuple[str, _Entries | None, str]:
+    """The JSON of a scalar, or the opening bracket and entries of a container."""
+    cls = type(value)
+    if value is None:
+        return "null", None, ""
+    if cls is bool:
+        return ("true" if value else "false"), None, ""
+    if issubclass(cls, str):
+        # Only the part that can be shown is escaped: a huge string costs its prefix.
+        return encode_basestring(str.__getitem__(value, slice(limit + 1))), None, ""
+    if issubclass(cls, int):
+        return _number(int.__repr__, value), None, ""
+    if issubclass(cls, float):
+        # NaN and infinities as strings, so the capture stays valid JSON.
+        if not math.isfinite(value):
+            return encode_basestring(float.__repr__(value)), None, ""
+        return float.__repr__(value), None, ""
+    if issubclass(cls, list | tuple | dict | set | frozenset):
+        if id(value) in active:
+            return '"<cycle>"', None, ""
+        if too_deep:
+            return encode_basestring(f"<{_type_name(cls)}>"), None, ""
+    if issubclass(cls, dict):
+        return "{", iter(dict.items(value)), "}"
+    if issubclass(cls, list | tuple | set | frozenset):
+        return "[", ((_ITEM, item) for item in value), "]"
+    if issubclass(cls, bytes | bytearray | memoryview):
+        size = value.nbytes if cls is memoryview else len(value)
+        return encode_basestring(f"<{cls.__name__}: {size} bytes>"), None, ""
+    if issubclass(cls, type):
+        return encode_basestring(f"<class {_type_name(value)}>"), None, ""
+    fields = _pydantic_fields(cls)
+    if fields is not None and not too_deep:
+        # A pydantic model: its fields, read one by one as needed.
+        instance = object.__getattribute__(value, "__dict__")
+        return "{", ((name, instance.get(name)) for name in fields), "}"
+    return encode_basestring(f"<{_type_name(cls)}>"), None, ""
+
+
+def _number(to_text: Callable[[Any], str], value: Any) -> str:
+    try:
+        return to_text(value)
+    except ValueError:  # an int over the interpreter's digit limit
+        return encode_basestring(f"<{type(value).__qualname__}>")
+
+
+def _key(key: Any, limit: int) -> str:
+    # JSON's own key rules (str, int, float, bool, None); any other key (a tuple, an enum) is
+    # named rather than failing the whole capture.
+    cls = type(key)
+    if issubclass(cls, str):
+        return encode_basestring(str.__getitem__(key, slice(limit + 1)))
+    if key is None or cls is bool or issubclass(cls, int | float):
+        text, _, _ = _open(key, limit, set())
+        return text if text.startswith('"') else encode_basestring(text)
+    return encode_basestring(f"<{_type_name(cls)}>")
+
+
+def _type_name(cls: type[Any]) -> str:
+    # Read from the type itself: a metaclass could answer __qualname__ with anything.
+    name = type.__getattribute__(cls, "__qualname__")
+    return name if type(name) is str else "object"
+
+
+def _pydantic_fields(cls: type[Any]) -> dict[str, Any] | None:
+    # Looked up on the class's own namespace chain, never through the instance (whose
+    # __getattr__ could run code), and never model_dump(): it dumps every field whole.
+    for klass in cls.__mro__:
+        fields = klass.__dict__.get("__pydantic_fields__")
+        if fields is not None:
+            return fields if isinstance(fields, dict) else None
+    return None
 
 
 def _qualname(fn: Any) -> str:
@@ -108,11 +213,20 @@ def _qualname(fn: Any) -> str:
     return name if isinstance(name, str) else type(fn).__qualname__
 
 
+def _runs(fn: Any) -> Any:
+    """The code a call of ``fn`` runs: through partials, to a callable object's __call__."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn):
+        return fn
+    # The class's own __call__, looked up statically (a metaclass __getattr__ runs no code).
+    return inspect.getattr_static(type(fn), "__call__", fn)
+
+
 def _is_async(fn: Any) -> bool:
-    if inspect.iscoroutinefunction(fn):
-        return True
-    # An object whose class has an async def __call__.
-    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+    # inspect.iscoroutinefunction sees through a partial, but not to the async __call__ of the
+    # object inside one: traced as sync, the observation would end before the await.
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(_runs(fn))
 
 
 class _Tracer:
@@ -219,7 +333,8 @@ def safe_trace(
         if isinstance(func, classmethod | staticmethod):
             # Decorated above @classmethod/@staticmethod: trace the function inside.
             return type(func)(decorate(func.__func__))
-        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        runs = _runs(func)
+        if inspect.isgeneratorfunction(runs) or inspect.isasyncgenfunction(runs):
             raise TypeError(
                 f"safe_trace cannot trace generator function {_qualname(func)}: the "
                 "observation would end before the generator runs"
