@@ -115,8 +115,17 @@ def json_id(value: Any) -> str | None:
     return None
 
 
-def json_any_value(value: Any) -> Any:
-    """Return the Python value held by an OTLP/JSON ``AnyValue`` object."""
+# AnyValue nesting a JSON body may have: about what protobuf's decoder allows (it refuses a
+# protobuf body nested deeper), and far from the recursion limit of the code that reads it.
+MAX_JSON_DEPTH = 100
+
+
+def json_any_value(value: Any, _depth: int = 0) -> Any:
+    """Return the Python value held by an OTLP/JSON ``AnyValue`` object.
+
+    A malformed ``arrayValue``/``kvlistValue`` (not an object) holds nothing; nesting deeper
+    than ``MAX_JSON_DEPTH`` raises ``ValueError`` (the body is refused, not half-read).
+    """
     if not isinstance(value, Mapping):
         return None
     if "stringValue" in value:
@@ -135,10 +144,13 @@ def json_any_value(value: Any) -> Any:
             return float(raw)  # "NaN" and "Infinity" travel as strings
         except (TypeError, ValueError):
             return raw
-    if "arrayValue" in value:
-        return [json_any_value(v) for v in _list((value["arrayValue"] or {}).get("values"))]
-    if "kvlistValue" in value:
-        return json_attributes((value["kvlistValue"] or {}).get("values"))
+    if "arrayValue" in value or "kvlistValue" in value:
+        if _depth >= MAX_JSON_DEPTH:
+            raise ValueError(f"AnyValue nested deeper than {MAX_JSON_DEPTH} levels")
+        if "arrayValue" in value:
+            values = _list(_dict(value["arrayValue"]).get("values"))
+            return [json_any_value(v, _depth + 1) for v in values]
+        return json_attributes(_dict(value["kvlistValue"]).get("values"), _depth + 1)
     if "bytesValue" in value:
         try:
             return base64.b64decode(value["bytesValue"])
@@ -147,10 +159,10 @@ def json_any_value(value: Any) -> Any:
     return None
 
 
-def json_attributes(pairs: Any) -> dict[str, Any]:
+def json_attributes(pairs: Any, _depth: int = 0) -> dict[str, Any]:
     """Return an OTLP/JSON ``[{"key", "value"}]`` list as a dict."""
     return {
-        str(kv["key"]): json_any_value(kv.get("value"))
+        str(kv["key"]): json_any_value(kv.get("value"), _depth)
         for kv in _list(pairs)
         if isinstance(kv, Mapping) and "key" in kv
     }
@@ -223,11 +235,38 @@ def _nanos(value: Any) -> int:
         return 0
 
 
+# JSON strings nested deeper than this are kept as text: stored and shown as they came,
+# instead of failing the batch in the recursive code that writes them back out.
+_MAX_DECODED_DEPTH = 200
+
+
 def decode_json(value: Any) -> Any:
-    """Langfuse stores raw strings and JSON-decodes them on read; other values pass through."""
+    """Langfuse stores raw strings and JSON-decodes them on read; other values pass through.
+
+    A string nested deeper than the devserver can write back out is returned as it is.
+    """
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
-    except ValueError:
+        decoded = json.loads(value)
+    except (ValueError, RecursionError):
         return value
+    # Counting brackets is cheap and rules out deep nesting for nearly every value.
+    if value.count("[") + value.count("{") > _MAX_DECODED_DEPTH and _deeper_than(
+        decoded, _MAX_DECODED_DEPTH
+    ):
+        return value
+    return decoded
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    # Iterative: the point is to avoid recursion on hostile nesting.
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import json
 import re
 import zlib
@@ -20,9 +19,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from .._otlp import SpanDict, decode_protobuf, json_id, spans_from_json, spans_from_request
 
-__all__ = ["IngestResult", "check_auth", "ingest"]
+__all__ = ["MAX_BODY", "BodyTooLarge", "IngestResult", "check_auth", "ingest"]
 
 MAX_INGESTION_VERSION = 4
+# Largest body read or gunzipped. Far above the langfuse SDK's 64 MiB batches; it stops
+# runaways and decompression bombs (a few hundred kB of gzip can expand to gigabytes).
+MAX_BODY = 256 * 1024 * 1024
 _LEADING_INT = re.compile(r"^\s*([+-]?\d+)")
 
 
@@ -63,11 +65,45 @@ def _error(status: int, message: str) -> IngestResult:
     return IngestResult(status, {"error": message})
 
 
+class BodyTooLarge(ValueError):
+    """A request body, as sent or once gunzipped, is larger than ``MAX_BODY``."""
+
+
+def too_large() -> IngestResult:
+    """The answer to a body over ``MAX_BODY`` (a proxy's 413: Langfuse itself has none)."""
+    return _error(413, f"Request body larger than {MAX_BODY} bytes")
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """``gzip.decompress`` (every member) that stops as soon as the output passes ``limit``."""
+    out = bytearray()
+    data = body
+    while data:
+        member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        # max_length is what is left of the budget: a bomb is cut there, not expanded first.
+        out += member.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            raise BodyTooLarge(f"more than {limit} bytes once gunzipped")
+        if not member.eof:
+            raise EOFError("truncated gzip member")
+        data = member.unused_data.lstrip(b"\x00")  # zero padding between members, as gzip's
+    return bytes(out)
+
+
+def _refuse_constant(name: str) -> Any:
+    # JSON.parse refuses NaN and Infinity; Python's json module would accept them.
+    raise ValueError(f"{name} is not JSON")
+
+
 def ingest(body: bytes, headers: Mapping[str, str]) -> IngestResult:
     """Decode and validate one OTLP/HTTP export; ``headers`` must have lower-case names."""
+    if len(body) > MAX_BODY:
+        return too_large()
     if "gzip" in (headers.get("content-encoding") or "").lower():
         try:
-            body = gzip.decompress(body)
+            body = _gunzip(body, MAX_BODY)
+        except BodyTooLarge:
+            return too_large()
         except (OSError, EOFError, zlib.error):
             return _error(400, "Failed to decompress request body")
     content_type = (headers.get("content-type") or "").lower()
@@ -79,8 +115,10 @@ def ingest(body: bytes, headers: Mapping[str, str]) -> IngestResult:
     problems: _Problems
     if is_json:  # Langfuse parses JSON last, so it wins when both types are named
         try:
-            payload = json.loads(body.decode("utf-8", errors="replace"))
-        except ValueError:
+            payload = json.loads(
+                body.decode("utf-8", errors="replace"), parse_constant=_refuse_constant
+            )
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting
             return _error(400, "Failed to parse OTel JSON Trace")
         if payload is None:  # JSON.parse("null").resourceSpans throws
             return _error(400, "Failed to parse OTel JSON Trace")
@@ -88,7 +126,10 @@ def ingest(body: bytes, headers: Mapping[str, str]) -> IngestResult:
         if not resource_spans:
             return IngestResult(200, {})
         problems = _validate_json(resource_spans)
-        spans = spans_from_json(resource_spans)
+        try:
+            spans = spans_from_json(resource_spans)
+        except ValueError:  # AnyValue nested past what the devserver reads
+            return _error(400, "Failed to parse OTel JSON Trace")
     else:
         try:
             request = decode_protobuf(body)

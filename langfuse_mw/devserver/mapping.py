@@ -202,6 +202,7 @@ _IO_FALLBACKS = (
     ("gen_ai.tool.call.arguments", "gen_ai.tool.call.result"),
 )
 
+_JS_EXACT_INT = 2**53  # integral doubles JavaScript writes digit for digit as Python would
 _ENVIRONMENT_RE = re.compile(r"^[a-z0-9_-]+$")
 _LANGFUSE_PREFIX_RE = re.compile(r"^(?:langfuse[-_]?)+")
 
@@ -223,6 +224,9 @@ def _js_value(value: Any) -> Any:
             return "NaN"
         if math.isinf(value):
             return "Infinity" if value > 0 else "-Infinity"
+        if value.is_integer() and abs(value) < _JS_EXACT_INT:
+            # A JavaScript number has no int/float split: 2.0 is written "2", not "2.0".
+            return int(value)
         return value
     if isinstance(value, list | tuple):
         return [_js_value(v) for v in value]

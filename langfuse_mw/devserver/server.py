@@ -14,7 +14,7 @@ from typing import Any
 
 from .._otlp import SpanDict
 from . import api, views
-from .ingest import check_auth, ingest
+from .ingest import MAX_BODY, BodyTooLarge, check_auth, ingest, too_large
 from .store import Store
 
 __all__ = ["INGEST_PATH", "DevServer"]
@@ -23,7 +23,6 @@ INGEST_PATH = "/api/public/otel/v1/traces"
 _TRACES_PATH = "/api/public/traces"
 _HEALTH_PATH = "/api/public/health"
 _METHOD_NOT_ALLOWED = {"message": "Method not allowed", "error": "MethodNotAllowedError"}
-_MAX_BODY = 256 * 1024 * 1024  # far above Langfuse's 64 MiB client batches; stops runaways
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -50,19 +49,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return None  # one line per export would drown the app's own output
 
     def read_body(self) -> bytes:
+        """The request body; ``BodyTooLarge`` past ``MAX_BODY``, ``ValueError`` if malformed.
+
+        Sizes are checked before reading: a hostile chunk size or Content-Length must not
+        make the server allocate it, nor wait (``read(-1)``) for a client that never closes.
+        """
         if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
             chunks: list[bytes] = []
+            total = 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+                if size < 0:
+                    raise ValueError(f"chunk size {size}")
+                total += size
+                if total > MAX_BODY:
+                    raise BodyTooLarge(f"body of more than {MAX_BODY} bytes")
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return b"".join(chunks)
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline()
+                self.rfile.readline(1024)
         length = int(self.headers.get("content-length") or 0)
-        if length > _MAX_BODY:
-            raise ValueError(f"body of {length} bytes")
+        if length < 0:
+            raise ValueError(f"Content-Length {length}")
+        if length > MAX_BODY:
+            raise BodyTooLarge(f"body of {length} bytes")
         return self.rfile.read(length) if length > 0 else b""
 
     def reply(
@@ -243,6 +255,10 @@ class DevServer:
         path = parsed.path.rstrip("/") or "/"
         try:
             body = handler.read_body()
+        except BodyTooLarge:
+            handler.close_connection = True  # the body was not read: the stream is unusable
+            handler.reply_json(413, too_large().body)
+            return
         except (ValueError, OSError):
             handler.close_connection = True
             handler.reply_json(400, {"message": "Unreadable request body"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from html import escape
 from typing import Any
 
@@ -218,37 +218,56 @@ def _observation_detail(obs: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _tree(
-    parent: str | None,
-    children: Mapping[str | None, list[Any]],
-    origin: int,
-    span: int,
-    depth: int,
-) -> str:
-    items = []
-    for obs in children.get(parent, []):
-        start = int(obs.get("startTimeUnixNano") or origin)
-        end = max(start, int(obs.get("endTimeUnixNano") or start))
-        left = 100.0 * (start - origin) / span
-        width = max(0.3, 100.0 * (end - start) / span)
-        level = str(obs.get("level") or "DEFAULT")
-        row = (
-            '<div class="row">'
-            f'<span class="badge type">{escape(str(obs.get("type") or "SPAN"))}</span>'
-            f'<span class="name obs-name">{escape(str(obs.get("name") or ""))}</span>'
-            f"{_level(level) if level != 'DEFAULT' else ''}"
-            f'<span class="dur">{escape(_duration((end - start) / 1e9))}</span>'
-            f'<span class="timeline"><span class="bar level-{escape(level)}" '
-            f'style="left:{min(left, 99.7):.2f}%;width:{min(width, 100 - left):.2f}%">'
-            "</span></span></div>"
-        )
-        nested = _tree(obs["id"], children, origin, span, depth + 1)
-        items.append(
+def _row(obs: Mapping[str, Any], origin: int, span: int) -> str:
+    start = int(obs.get("startTimeUnixNano") or origin)
+    end = max(start, int(obs.get("endTimeUnixNano") or start))
+    left = 100.0 * (start - origin) / span
+    width = max(0.3, 100.0 * (end - start) / span)
+    level = str(obs.get("level") or "DEFAULT")
+    return (
+        '<div class="row">'
+        f'<span class="badge type">{escape(str(obs.get("type") or "SPAN"))}</span>'
+        f'<span class="name obs-name">{escape(str(obs.get("name") or ""))}</span>'
+        f"{_level(level) if level != 'DEFAULT' else ''}"
+        f'<span class="dur">{escape(_duration((end - start) / 1e9))}</span>'
+        f'<span class="timeline"><span class="bar level-{escape(level)}" '
+        f'style="left:{min(left, 99.7):.2f}%;width:{min(width, 100 - left):.2f}%">'
+        "</span></span></div>"
+    )
+
+
+def _tree(children: Mapping[str | None, list[Any]], origin: int, span: int) -> str:
+    """The observation tree as nested lists, children under their parents.
+
+    Iterative, not recursive: a chain of spans thousands deep (recursive code, or a hostile
+    batch) must render, not exhaust the interpreter's stack.
+    """
+    out: list[str] = []
+    # Each frame: the observations still to write at one depth.
+    stack: list[tuple[Iterator[Any], int]] = [(iter(children.get(None, [])), 0)]
+    if children.get(None):
+        out.append('<ul class="tree">')
+    while stack:
+        pending, depth = stack[-1]
+        obs = next(pending, None)
+        if obs is None:
+            stack.pop()
+            out.append("</ul>")
+            if stack:
+                out.append("</li>")  # the parent whose children these were
+            continue
+        out.append(
             f'<li class="obs" data-observation-id="{escape(obs["id"])}" data-depth="{depth}">'
-            f"<details><summary>{row}</summary>{_observation_detail(obs)}</details>"
-            f"{nested}</li>"
+            f"<details><summary>{_row(obs, origin, span)}</summary>"
+            f"{_observation_detail(obs)}</details>"
         )
-    return f'<ul class="tree">{"".join(items)}</ul>' if items else ""
+        kids = children.get(obs["id"])
+        if kids:
+            out.append('<ul class="tree">')
+            stack.append((iter(kids), depth + 1))
+        else:
+            out.append("</li>")
+    return "".join(out) if children.get(None) else ""
 
 
 def render_trace(trace: Mapping[str, Any]) -> str:
@@ -279,7 +298,7 @@ def render_trace(trace: Mapping[str, Any]) -> str:
                        ("Trace metadata", "metadata")):  # fmt: skip
         if trace.get(key) not in (None, "", {}):
             io.append(f"<h2>{label}</h2>{_json_block(trace[key])}")
-    tree = _tree(None, _children(observations), origin, span, 0)
+    tree = _tree(_children(observations), origin, span)
     body = (
         '<p><a href="/">&larr; all traces</a></p>'
         f"<h1>{escape(str(trace.get('name') or '(unnamed trace)'))}</h1>"
