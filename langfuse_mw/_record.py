@@ -115,9 +115,10 @@ def add_identity(
 
 def error_message(exc: BaseException, clean: Callable[[str], str] | None = None) -> str:
     """``Type: message`` for the observation's status, cut to size; never raises (an
-    exception whose ``str()`` fails gives its type alone)."""
+    exception without a message, or whose ``str()`` fails, gives its type alone)."""
     try:
-        message = f"{type(exc).__name__}: {exc}"
+        text = str(exc)
+        message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     except Exception:
         message = type(exc).__name__
     return truncate(clean(message) if clean is not None else message, MAX_MESSAGE)

@@ -122,7 +122,11 @@ class LangfuseCapture:
 
 @contextlib.contextmanager
 def capture_langfuse(**options: Any) -> Iterator[LangfuseCapture]:
-    """Install a capturing runtime for the block (options as for ``LangfuseMiddleware``)."""
+    """Install a capturing runtime for the block.
+
+    ``options`` shape the runtime (export, redaction, environment, release); per-request
+    options such as ``sample_rate`` belong to the middleware, which decides each request.
+    """
     from . import _failsafe, runtime
     from .config import resolve_settings
 

@@ -566,7 +566,7 @@ async def test_a_call_cancelled_mid_body_is_recorded_as_failed(
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(client.get("http://llm.internal/slow"), 0.1)
     call = langfuse_capture.single(name="GET llm.internal/slow")
-    assert (call["level"], call["status_message"]) == ("ERROR", "CancelledError: ")
+    assert (call["level"], call["status_message"]) == ("ERROR", "CancelledError")
 
 
 async def test_a_transport_that_already_traces_is_not_wrapped_again(

@@ -145,6 +145,24 @@ def test_a_failure_while_recording_never_leaves_the_observation_current(
     assert (child["level"], child["status_message"]) == ("ERROR", "_Unprintable")
 
 
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), TimeoutError(), LookupError("")])
+def test_an_exception_without_a_message_is_named_by_its_type_alone(
+    langfuse_capture: LangfuseCapture, exc: BaseException
+) -> None:
+    @safe_trace(name="step")
+    def step() -> None:
+        raise exc
+
+    def handler() -> bool:
+        with pytest.raises(type(exc)):
+            step()
+        return True
+
+    assert _in_request(handler) is True
+    child = langfuse_capture.single(name="step")
+    assert (child["level"], child["status_message"]) == ("ERROR", type(exc).__name__)
+
+
 def test_outside_a_request_the_function_just_runs(langfuse_capture: LangfuseCapture) -> None:
     @safe_trace
     def step(n: int) -> int:
