@@ -1,4 +1,5 @@
-"""Decode OTLP/HTTP trace requests into plain dicts (used by the test kit and the devserver)."""
+"""Decode OTLP/HTTP trace requests into plain dicts (used by the test kit and the devserver),
+and split one in two (the spool's answer to a 413)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ __all__ = [
     "json_id",
     "spans_from_json",
     "spans_from_request",
+    "split_request",
 ]
 
 SpanDict = dict[str, Any]
@@ -50,6 +52,35 @@ def decode_protobuf(body: bytes, *, gzipped: bool = False) -> ExportTraceService
         body = gzip.decompress(body)
     request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(body)
     return request
+
+
+def split_request(body: bytes) -> tuple[tuple[bytes, int], tuple[bytes, int]] | None:
+    """An encoded ``ExportTraceServiceRequest`` as two, the first half of its spans and the
+    rest, each with its span count and its spans' resource and scope; None for one span."""
+    request = ExportTraceServiceRequest.FromString(body)
+    total = sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+    if total < 2:
+        return None
+    first = total // 2
+    halves = (ExportTraceServiceRequest(), ExportTraceServiceRequest())
+    seen = 0
+    for rs in request.resource_spans:
+        resources: dict[int, Any] = {}  # half -> this resource's entry in it
+        for scope in rs.scope_spans:
+            scopes: dict[int, Any] = {}
+            for span in scope.spans:
+                half = 0 if seen < first else 1
+                seen += 1
+                if half not in scopes:
+                    if half not in resources:
+                        resources[half] = halves[half].resource_spans.add(
+                            resource=rs.resource, schema_url=rs.schema_url
+                        )
+                    scopes[half] = resources[half].scope_spans.add(
+                        scope=scope.scope, schema_url=scope.schema_url
+                    )
+                scopes[half].spans.append(span)
+    return (halves[0].SerializeToString(), first), (halves[1].SerializeToString(), total - first)
 
 
 def spans_from_request(request: ExportTraceServiceRequest) -> list[SpanDict]:

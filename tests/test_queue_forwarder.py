@@ -333,3 +333,29 @@ def test_gzip_and_identity_bodies_are_posted_as_they_are(
     assert sorted(span_ids(receiver)) == [f"{7:016x}", f"{8:016x}"]
     [(_, letter)] = client.xrange(f"{STREAM}:dead")
     assert b"pk-lf-other-project" in letter[b"reason"]
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_batch_too_large_for_langfuse_is_split_until_it_is_taken(
+    redis_server: RedisServer, gzipped: bool
+) -> None:
+    # A 413 splits the batch, as the export queue does, rather than dead-lettering it: halves
+    # are posted in turn, and a single span still too large is dropped and counted.
+    from langfuse_mw._encode import encode_request
+    from tests.queue_support import size_limited_receiver, span
+
+    spans = [span(n) for n in range(1, 9)]
+    huge = span(9)
+    huge._attributes = {"langfuse.observation.input": "x" * 20_000}  # type: ignore[attr-defined]
+    body = encode_request([*spans[:4], huge, *spans[4:]])
+    client = redis_server.client()
+    client.xadd(STREAM, entry_fields(gzip.compress(body) if gzipped else body, 9, PUBLIC_KEY))
+    with size_limited_receiver(len(encode_request(spans))) as (url, received):
+        forwarder = in_process(redis_server, url)
+        forwarder.run(drain=True)
+    assert received == list(range(1, 9))  # in order, the huge span left out
+    counters = forwarder.counters
+    assert (counters["forwarded"], counters["forwarded_spans"]) == (1, 8)
+    assert counters["too_large_spans"] == 1
+    assert counters["dead_lettered"] == 0
+    assert client.xpending(STREAM, "langfuse-mw")["pending"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -16,7 +17,14 @@ from langfuse_mw.devserver import DevServer
 from langfuse_mw.export import ExportQueue
 from langfuse_mw.queue.spool import SpoolSender
 from langfuse_mw.runtime import http_sender
-from tests.queue_support import PUBLIC_KEY, SECRET_KEY, span, unencodable, wait_until
+from tests.queue_support import (
+    PUBLIC_KEY,
+    SECRET_KEY,
+    size_limited_receiver,
+    span,
+    unencodable,
+    wait_until,
+)
 from tests.servers import ROOT, free_port
 
 # One service process: traces `count` observations named work-<first..>, then exits through
@@ -175,3 +183,28 @@ def test_a_span_that_cannot_be_encoded_is_left_out_and_the_rest_delivered(
         assert sender.send([unencodable(4)], 5).drop_reason == "encoding"
     finally:
         sender.close()
+
+
+@pytest.mark.parametrize("suffix", [".otlp", ".otlp.gz"])
+def test_a_spooled_batch_too_large_for_langfuse_is_split_not_dropped(
+    spool: Path, suffix: str
+) -> None:
+    # As on the live path, a 413 halves the batch until each part is taken; the halves keep
+    # the batch's place in the replay order.
+    settings = resolve_settings({"base_url": "http://127.0.0.1:9", "compression": "none"}, {})
+    encode = http_sender(settings, PUBLIC_KEY, SECRET_KEY).encode
+    body = encode([span(n) for n in range(1, 9)])
+    half = encode([span(n) for n in range(1, 5)])  # what Langfuse takes (its proxy, here)
+    spool.mkdir()
+    first = body if suffix == ".otlp" else gzip.compress(body)
+    (spool / f"0000000000000000001-1-000000-8{suffix}").write_bytes(first)
+    (spool / "0000000000000000002-1-000000-1.otlp").write_bytes(encode([span(9)]))
+    with size_limited_receiver(len(half)) as (url, received):
+        sender = make_spool(spool, url, max_bytes=1 << 20)
+        try:
+            wait_until(lambda: sender.stats()["spool_files"] == 0, 10, "the spool to drain")
+            assert received == list(range(1, 10))  # all of them, in order
+            assert sender.stats()["dropped"] == {}
+            assert os.listdir(spool) == [".replay.lock"]
+        finally:
+            sender.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gzip
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._failsafe import log_once
+from .._otlp import split_request
 from ..config import ConfigError, resolve_settings
 from ..export import HttpSender, Outcome
 from ._redis import connect, describe_url, drop_idle_connections, import_redis
@@ -50,6 +53,7 @@ COUNTERS = (
     "claimed",
     "trimmed",
     "redis_errors",
+    "too_large_spans",
 )
 # Fields a dead-letter entry keeps from the original, so it can be requeued as it was.
 _ENTRY_FIELDS = (b"v", b"body", b"enc", b"spans", b"pk")
@@ -252,10 +256,19 @@ class Forwarder:
         gzipped = fields.get(b"enc") == b"gzip"
         failures = rejections = 0
         while True:
-            outcome = self.sender.post(body, opts.post_timeout, gzipped=gzipped)
+            outcome, too_large = self._post(body, gzipped)
             if outcome.ok:
                 self._ack(entry_id)
-                self._sent(_int(fields.get(b"spans")))
+                self._sent(_int(fields.get(b"spans")) - too_large)
+                if too_large:
+                    self._count("too_large_spans", too_large)
+                    self._record_error(outcome.error)
+                    log_once(
+                        "forward-too-large",
+                        "a span too large for Langfuse on its own was dropped (%s); counted in "
+                        "too_large_spans",
+                        outcome.error,
+                    )
                 return
             self._count("failed_posts")
             self._record_error(outcome.error)
@@ -279,6 +292,29 @@ class Forwarder:
             if not self._hold(entry_id, delay):
                 self._hand_back([entry_id])  # stopping: another forwarder takes it at once
                 return
+
+    def _post(self, body: bytes, gzipped: bool) -> tuple[Outcome, int]:
+        """POST a batch; on 413 its halves in turn, as the export queue splits a live batch.
+
+        Returns the outcome and the spans left out: single spans Langfuse still finds too
+        large. Halves already taken are posted again if another half must be retried (at
+        least once; Langfuse keeps one observation per span id)."""
+        outcome = self.sender.post(body, self.options.post_timeout, gzipped=gzipped)
+        if not outcome.split:
+            return outcome, 0
+        try:
+            halves = split_request(gzip.decompress(body) if gzipped else body)
+        except Exception:  # not OTLP: refused as it is (dead-lettered after its attempts)
+            return outcome, 0
+        if halves is None:  # one span, too large on its own
+            return Outcome(ok=True, error=outcome.error), 1
+        left_out = 0
+        for half, _ in halves:
+            part, dropped = self._post(gzip.compress(half, 1) if gzipped else half, gzipped)
+            if not part.ok:
+                return part, 0
+            left_out += dropped
+        return Outcome(ok=True, error=outcome.error if left_out else None), left_out
 
     def _ack(self, entry_id: bytes) -> None:
         pipe = self.redis.pipeline(transaction=True)

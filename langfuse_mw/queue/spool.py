@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import gzip
 import itertools
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._failsafe import log_once, report
+from .._otlp import split_request
 from ..config import ConfigError
 from ..export import (
     SENT,
@@ -129,23 +131,31 @@ class SpoolSender:
         # Names sort by time: the replay order. The span count rides along for the counters.
         name = f"{time.time_ns():019d}-{os.getpid()}-{next(self._seq):06d}-{spans}"
         name += ".otlp.gz" if body[:2] == GZIP_MAGIC else ".otlp"
-        tmp = self.dir / f".tmp-{name}"
-        try:
-            with open(tmp, "wb") as out:
-                out.write(body)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.dir / name)  # atomic: a replayer never sees half a batch
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            return Outcome(drop_reason="spool_error", error=f"spool write failed: {exc}")
+        error = self._store(self.dir / name, body)
+        if error is not None:
+            return Outcome(drop_reason="spool_error", error=f"spool write failed: {error}")
         with self._lock:
-            self._files_count += 1
-            self._bytes += len(body)
             self.spooled += 1
         self._start_if_needed()
         self._wake.set()
         return SENT
+
+    def _store(self, path: Path, data: bytes) -> OSError | None:
+        """Write a batch file atomically and count it; the error if it could not be written."""
+        tmp = path.with_name(f".tmp-{path.name}")
+        try:
+            with open(tmp, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)  # atomic: a replayer never sees half a batch
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            return exc
+        with self._lock:
+            self._files_count += 1
+            self._bytes += len(data)
+        return None
 
     def _back_off(self, outcome: Outcome) -> None:
         with self._lock:
@@ -263,8 +273,11 @@ class SpoolSender:
                 if tries < SERVER_ERROR_ATTEMPTS:
                     self._back_off(outcome)
                     return
-            # Refused for good (400, redirect, 413, repeated 500): drop it so the rest flows.
-            reason = outcome.drop_reason or "rejected"
+            if outcome.split and self._split(path, body):
+                return  # its halves replay next, in its place in the order
+            # Refused for good (400, redirect, repeated 500, 413 for one span): drop it so the
+            # rest flows.
+            reason = outcome.drop_reason or ("too_large" if outcome.split else "rejected")
             self._remove(path, len(body))
             with self._lock:
                 self.dropped[reason] += _span_count(path)
@@ -275,6 +288,28 @@ class SpoolSender:
                 reason,
                 outcome.error,
             )
+
+    def _split(self, path: Path, body: bytes) -> bool:
+        """Replace a batch Langfuse found too large (413) by its two halves, as the export
+        queue does with a live batch; False if it holds one span or cannot be read."""
+        gzipped = path.name.endswith(".gz")
+        try:
+            halves = split_request(gzip.decompress(body) if gzipped else body)
+        except Exception:  # not OTLP (a damaged file): dropped by the caller
+            return False
+        if halves is None:
+            return False
+        # "<ns>-<pid>-<seq>-<spans>": the halves take the seq with "a" and "b" appended, so
+        # they sort where the batch was (and split again the same way if still too large).
+        stem, _, _ = path.name.partition(".")
+        head = stem.rsplit("-", 1)[0]
+        suffix = path.name[len(stem) :]
+        for letter, (half, spans) in zip("ab", halves, strict=True):
+            data = gzip.compress(half, compresslevel=1) if gzipped else half
+            if self._store(self.dir / f"{head}{letter}-{spans}{suffix}", data) is not None:
+                return False  # the batch stays; a half already written is sent twice at worst
+        self._remove(path, len(body))
+        return True
 
     def _skip_unreadable(self, path: Path, exc: OSError) -> None:
         error = f"cannot read spooled batch {str(path)!r}: {exc}"
