@@ -67,8 +67,8 @@ class Targets:
     """The ``propagate_to`` allow-list.
 
     Entries: ``internal`` (loopback and private addresses, single-label host names, and
-    ``*.internal``, ``*.local``, ``*.svc.cluster.local``); a host (``api.example.com``, any port,
-    http or https); a host pattern (``*.example.com``); an origin (``https://api.example.com:8443``:
+    ``*.internal``, ``*.local``, ``*.localhost``, ``*.svc.cluster.local``); a host
+    (``api.example.com``, any port, http or https); a host pattern (``*.example.com``); an origin (``https://api.example.com:8443``:
     that scheme, host and port only); an IP network (``10.0.0.0/8``); or ``re:<regex>``
     matched against the whole URL.
     """

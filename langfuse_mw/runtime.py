@@ -385,7 +385,8 @@ def flush(timeout: float | None = None) -> bool:
 
 
 def shutdown(timeout: float | None = None) -> int:
-    """Flush and stop the runtime within ``timeout`` (default 2 s); returns spans not exported.
+    """Flush and stop the runtime within ``timeout`` (default: its ``shutdown_timeout``);
+    returns the number of spans not exported.
 
     Never blocks past the deadline, even when Langfuse hangs. A later request or ``init()``
     builds a new runtime.
