@@ -68,9 +68,9 @@ class Targets:
 
     Entries: ``internal`` (loopback and private addresses, single-label host names, and
     ``*.internal``, ``*.local``, ``*.localhost``, ``*.svc.cluster.local``); a host
-    (``api.example.com``, any port, http or https); a host pattern (``*.example.com``); an origin (``https://api.example.com:8443``:
-    that scheme, host and port only); an IP network (``10.0.0.0/8``); or ``re:<regex>``
-    matched against the whole URL.
+    (``api.example.com``, any port, http or https); a host pattern (``*.example.com``); an
+    origin (``https://api.example.com:8443``: that scheme, host and port only); an IP network
+    (``10.0.0.0/8``); or ``re:<regex>`` matched against the whole URL.
     """
 
     def __init__(self, entries: Sequence[str], langfuse_url: str | None = None) -> None:
