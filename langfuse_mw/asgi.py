@@ -11,10 +11,10 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from . import runtime
-from ._failsafe import report
+from ._failsafe import logger, report
 from ._routes import route_template
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .config import resolve_settings
+from .config import ConfigError, resolve_settings
 from .core import Observation, RequestInfo, RequestState, RequestTracer
 from .headers import truncate
 
@@ -32,7 +32,14 @@ class LangfuseMiddleware:
 
     def __init__(self, app: ASGIApp, /, **options: Any) -> None:
         self.app = app
-        self.settings = resolve_settings(options)
+        try:
+            self.settings = resolve_settings(options)
+        except (ConfigError, TypeError) as exc:
+            # app.add_middleware() builds us at the app's first event: under uvicorn's default
+            # --lifespan auto a failure there reads "ASGI 'lifespan' protocol appears
+            # unsupported", the server starts, and every request fails. Say what is wrong.
+            logger.error("langfuse_mw: LangfuseMiddleware cannot start: %s", exc)
+            raise
         self.tracer = RequestTracer(self.settings)
         self._rid_name = self.settings.request_id_header.encode("latin-1")
         self._echoes = self.settings.echo_request_id

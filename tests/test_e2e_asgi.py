@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -128,3 +129,23 @@ def test_an_unhandled_exception_under_uvicorn_is_starlettes_500_with_the_request
         f'"{generated_id}"', '"err-1"', '"err-2"',
     ]  # fmt: skip
     assert all(r["attributes"]["langfuse.observation.level"] == "ERROR" for r in roots)
+
+
+def test_a_bad_option_given_to_add_middleware_is_logged_when_uvicorn_starts() -> None:
+    # Starlette builds its middleware at the first event, the lifespan startup, and uvicorn's
+    # default --lifespan auto reports a failure there as "lifespan unsupported": the error
+    # must still be in the server's output at start-up, not only at the first request.
+    port = free_port()
+    server = Server(
+        ["uvicorn", "tests.e2e_bad_option_app:app", "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        KEYS,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "Application startup complete" not in server.output():
+            assert time.monotonic() < deadline and server.process.poll() is None, server.output()
+            time.sleep(0.1)
+        assert "langfuse_mw: LangfuseMiddleware cannot start: sample_rate" in server.output()
+    finally:
+        server.close()
