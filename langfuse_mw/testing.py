@@ -17,7 +17,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pytest
+try:
+    import pytest
+except ImportError:  # capture_langfuse() works without pytest; the fixture needs it
+    pytest = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .export import Item, Outcome
@@ -159,8 +162,10 @@ def capture_langfuse(**options: Any) -> Iterator[LangfuseCapture]:
                 os.environ[key] = value
 
 
-@pytest.fixture
-def langfuse_capture() -> Iterator[LangfuseCapture]:
-    """Route langfuse_mw's export to memory for one test and return the captured spans."""
-    with capture_langfuse() as capture:
-        yield capture
+if pytest is not None:
+
+    @pytest.fixture
+    def langfuse_capture() -> Iterator[LangfuseCapture]:
+        """Route langfuse_mw's export to memory for one test and return the captured spans."""
+        with capture_langfuse() as capture:
+            yield capture

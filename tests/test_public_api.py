@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import langfuse_mw
@@ -42,6 +44,8 @@ def test_pytest_plugin_is_registered(pytestconfig: object) -> None:
 
 
 USER_CODE = """
+import subprocess
+import sys
 from typing import Any
 
 from fastapi import FastAPI
@@ -72,6 +76,26 @@ client = AsyncTracedClient(base_url="http://inventory:8000")
 ctx = get_request_context()
 request_id: str | None = ctx.request_id if ctx is not None else None
 """
+
+
+CAPTURE_WITHOUT_PYTEST = """
+import sys
+sys.modules["pytest"] = None  # as where pytest is not installed
+from langfuse import get_client
+from langfuse_mw.testing import capture_langfuse
+with capture_langfuse() as capture:
+    with get_client().start_as_current_observation(name="work"):
+        pass
+    print([span["name"] for span in capture.spans()])
+"""
+
+
+def test_capture_langfuse_works_without_pytest() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CAPTURE_WITHOUT_PYTEST], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['work']"
 
 
 def test_the_one_line_setups_type_check_under_mypy_strict(tmp_path: Any) -> None:

@@ -7,7 +7,10 @@ forwarders sharing a stream, a poison batch, and Redis stopped under traffic.
 from __future__ import annotations
 
 import gzip
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +36,7 @@ from tests.queue_support import (
     stats,
     wait_until,
 )
-from tests.servers import free_port
+from tests.servers import ROOT, free_port
 
 ROOT_NAME = "GET /items/{item_id}"
 
@@ -359,3 +362,22 @@ def test_a_batch_too_large_for_langfuse_is_split_until_it_is_taken(
     assert counters["too_large_spans"] == 1
     assert counters["dead_lettered"] == 0
     assert client.xpending(STREAM, "langfuse-mw")["pending"] == 0
+
+
+FORWARD_WITHOUT_REDIS = """
+import sys
+sys.modules["redis"] = None  # as where the redis extra is not installed
+from langfuse_mw.cli import main
+sys.exit(main(["forward"]))
+"""
+
+
+def test_forward_without_the_redis_extra_says_what_to_install_in_one_line() -> None:
+    env = {**os.environ, "LANGFUSE_MW_QUEUE_URL": "redis://127.0.0.1:9/0"}
+    done = subprocess.run(
+        [sys.executable, "-c", FORWARD_WITHOUT_REDIS],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2
+    message = 'langfuse-mw forward: needs redis-py: pip install "langfuse-mw[redis]"'
+    assert done.stderr.strip().splitlines() == [message]

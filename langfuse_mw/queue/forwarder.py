@@ -666,6 +666,13 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.queue_url:
         print("langfuse-mw forward: set LANGFUSE_MW_QUEUE_URL or --queue-url", file=sys.stderr)
         return 2
+    try:
+        import_redis()
+    except ImportError:  # one line naming the extra, not a traceback
+        print(
+            'langfuse-mw forward: needs redis-py: pip install "langfuse-mw[redis]"', file=sys.stderr
+        )
+        return 2
     options = ForwarderOptions(
         stream=settings.queue_stream,
         group=args.group,
