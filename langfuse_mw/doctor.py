@@ -121,6 +121,11 @@ def run(
     out.write("langfuse_mw configuration (argument > env var > preset > default)\n")
     for name, value, source in rows:
         out.write(f"  {name:<{width}}  {value}  [{source}]\n")
+    if not settings.enabled:
+        out.write(
+            f"\nNOTE: tracing is off (enabled=false, {settings.sources.get('enabled')}): "
+            "requests pass through untraced, whatever the check below says\n"
+        )
     if not check:
         return 0
     ok, message = check_endpoint(settings, timeout=settings.export_timeout)

@@ -212,13 +212,16 @@ class HttpSender:
                 "POST", self.endpoint, content=body, headers=headers, timeout=timeout
             ) as response:
                 return self._answer(response, deadline)
+        # Errors name the endpoint (and public key), as HTTP answers do: health() and the
+        # logs say where the export failed, not only how.
         except httpx.TimeoutException:
-            return Outcome(retry=True, error=f"timeout after {timeout:.1f}s")
+            return Outcome(retry=True, error=f"timeout after {timeout:.1f}s: {self._describe}")
         except Exception as exc:
             if expired.is_set():
-                return Outcome(retry=True, error=f"no complete answer within {timeout:.1f}s")
+                error = f"no complete answer within {timeout:.1f}s: {self._describe}"
+                return Outcome(retry=True, error=error)
             if isinstance(exc, httpx.HTTPError):
-                return Outcome(retry=True, error=f"{type(exc).__name__}: {exc}")
+                return Outcome(retry=True, error=f"{type(exc).__name__}: {exc}: {self._describe}")
             raise
         finally:
             watchdog.cancel()
@@ -516,7 +519,7 @@ class ExportQueue:
                     logger.warning(
                         "langfuse_mw: export recovered after %.0fs of failures; %s (%s)",
                         time.monotonic() - opened_at,
-                        self._lost_since_reported(),
+                        _lost_text(self._lost_since_reported()),
                         self._summary(),
                     )
                 failures = server_error_attempts = 0
@@ -668,12 +671,12 @@ class ExportQueue:
         with self._idle:
             self._idle.notify_all()
 
-    def _lost_since_reported(self) -> str:
-        # "lost N spans (reasons)" for the drops no line has summed up yet, then marks them.
+    def _lost_since_reported(self) -> collections.Counter[str]:
+        # The drops no log line has summed up yet, marked as summed up now.
         with self._lock:
             lost = self.dropped - self._reported
             self._reported = collections.Counter(self.dropped)
-        return f"lost {sum(lost.values())} spans since the last report ({dict(lost)})"
+        return lost
 
     def _summary(self) -> str:
         stats = self.stats()
@@ -740,14 +743,14 @@ class ExportQueue:
             self._in_flight = 0
             self._abandoned = True
         if left:
-            logger.warning(
-                "langfuse_mw: shutdown deadline (%.1fs) reached; %d spans were not exported; %s",
-                timeout,
-                left,
-                self._lost_since_reported(),
-            )
+            # No deadline of its own when an earlier flush (at SIGTERM) used it up waiting.
+            waited = f"by the shutdown deadline ({timeout:.1f}s)" if timeout > 0 else "at exit"
+            lost = self._lost_since_reported()
+            # Other drops since the last report are summed up too; these alone are said once.
+            summary = "" if lost == {"shutdown": left} else f"; {_lost_text(lost)}"
+            logger.warning("langfuse_mw: %d spans were not exported %s%s", left, waited, summary)
         elif self.dropped != self._reported:
-            logger.warning("langfuse_mw: shutdown; %s", self._lost_since_reported())
+            logger.warning("langfuse_mw: shutdown; %s", _lost_text(self._lost_since_reported()))
         if not self._thread.is_alive():
             self._close_sender()
         return left
@@ -772,6 +775,10 @@ class ExportQueue:
                 "last_success_at": self.last_success_at,
                 "breaker": "stopped" if self._fatal else self.breaker,
             }
+
+
+def _lost_text(lost: collections.Counter[str]) -> str:
+    return f"lost {sum(lost.values())} spans since the last report ({dict(lost)})"
 
 
 # Items of a sequence attribute measured; the rest are estimated from them, so measuring stays

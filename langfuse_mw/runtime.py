@@ -318,6 +318,12 @@ def _flush_at_sigterm(timeout: float, dying: bool) -> None:
     # flush that exported while other threads kept emitting was not stalled.
     if not done and time.monotonic() - started >= timeout:
         _stalled_at_sigterm = queue is None or queue.exported == exported
+        if _stalled_at_sigterm and not dying:
+            logger.warning(
+                "langfuse_mw: at SIGTERM, Langfuse took no span within %.1fs; the exit will not "
+                "wait for it again",
+                timeout,
+            )
 
 
 def exit_timeout(timeout: float) -> float:

@@ -88,3 +88,11 @@ def test_the_cli_runs_doctor(
     monkeypatch.setenv("LANGFUSE_MW_SAMPLE_RATE", "2")
     assert main(["doctor"]) == 2
     assert "sample_rate: expected a finite float between 0.0 and 1.0" in capsys.readouterr().err
+
+
+def test_doctor_says_when_tracing_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDK's switch turns tracing off: an OK for the endpoint must not read as "traced".
+    monkeypatch.setenv("LANGFUSE_TRACING_ENABLED", "false")
+    out = io.StringIO()
+    run(out, {"public_key": "pk-lf-1", "secret_key": "sk-lf-1"}, check=False)
+    assert "NOTE: tracing is off (enabled=false, env:LANGFUSE_TRACING_ENABLED)" in out.getvalue()

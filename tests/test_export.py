@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -499,3 +500,17 @@ def test_emit_from_a_finalizer_inside_a_wake_up_does_not_deadlock() -> None:
     assert q.flush(5)
     assert sender.sent == 3 + len(held) and balanced(q.stats())
     q.shutdown(1)
+
+
+def test_a_transport_error_names_the_endpoint_it_could_not_reach() -> None:
+    # health()["last_error"] and the log line say where the export failed, not only how.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    sender = HttpSender(f"http://127.0.0.1:{port}/api/public/otel/v1/traces", {})
+    outcome = sender.post(b"", 2.0)
+    sender.close()
+    assert outcome.retry and not outcome.ok
+    assert outcome.error is not None
+    assert outcome.error.startswith("ConnectError: ")
+    assert f"http://127.0.0.1:{port}" in outcome.error
