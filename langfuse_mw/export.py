@@ -377,6 +377,7 @@ class ExportQueue:
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._idle = threading.Condition(threading.Lock())
         self._in_flight = 0
+        self._in_flight_bytes = 0  # the batch in the sender's hands, for health()
         self._stop = False
         self._abandoned = False
         self._sender_closed = False
@@ -487,6 +488,7 @@ class ExportQueue:
                 with self._lock:
                     batch = self._take(self.max_batch_size)
                     self._in_flight = len(batch)
+                    self._in_flight_bytes = sum(size for _, size in batch)
                 if not batch:
                     self._notify_idle()
                     continue
@@ -531,6 +533,7 @@ class ExportQueue:
                     self._queue.extendleft(reversed(batch[half:]))
                     self._bytes += sum(size for _, size in batch[half:])
                     self._in_flight = half
+                    self._in_flight_bytes = sum(size for _, size in batch[:half])
                 batch = batch[:half]
             elif outcome.retry:
                 # Langfuse is failing (or unreachable): back off, whether this batch is kept
@@ -619,6 +622,7 @@ class ExportQueue:
             if not self._abandoned:
                 self.dropped["encoding"] += lost
                 self._in_flight -= lost
+                self._in_flight_bytes = sum(size for _, size in kept)
         log_once(
             "drop:encoding",
             "langfuse_mw: dropped %d of %d spans that could not be encoded: %s",
@@ -651,7 +655,7 @@ class ExportQueue:
                 return
             self.exported += n
             self.last_success_at = time.time()
-            self._in_flight = 0
+            self._in_flight = self._in_flight_bytes = 0
 
     def _drop_batch(self, reason: str, n: int) -> None:
         with self._lock:
@@ -659,7 +663,7 @@ class ExportQueue:
                 return
             if n:
                 self.dropped[reason] += n
-            self._in_flight = 0
+            self._in_flight = self._in_flight_bytes = 0
 
     def _record_error(self, error: str | None) -> None:
         with self._lock:
@@ -740,7 +744,7 @@ class ExportQueue:
             left = self._clear() + self._in_flight
             if left:
                 self.dropped["shutdown"] += left
-            self._in_flight = 0
+            self._in_flight = self._in_flight_bytes = 0
             self._abandoned = True
         if left:
             # No deadline of its own when an earlier flush (at SIGTERM) used it up waiting.
@@ -768,7 +772,7 @@ class ExportQueue:
                 "exported": self.exported,
                 "dropped": dict(self.dropped),
                 "queued": self._queued + self._in_flight,
-                "queued_bytes": self._bytes,
+                "queued_bytes": self._bytes + self._in_flight_bytes,
                 "failed_exports": self.failed_exports,
                 "last_error": self.last_error,
                 "last_error_at": self.last_error_at,

@@ -514,3 +514,24 @@ def test_a_transport_error_names_the_endpoint_it_could_not_reach() -> None:
     assert outcome.error is not None
     assert outcome.error.startswith("ConnectError: ")
     assert f"http://127.0.0.1:{port}" in outcome.error
+
+
+def test_health_counts_the_bytes_of_the_batch_in_the_senders_hands() -> None:
+    # "queued" counts the batch being sent (or waiting to be retried); so must "queued_bytes",
+    # or a backed-off exporter reads as holding spans of no size.
+    sender = ScriptedSender()
+    sender.release.clear()
+    q = queue(sender, max_batch_size=5, flush_interval=5)
+    for n in range(1, 8):
+        q.emit(span(n))
+    deadline = time.monotonic() + 5
+    while q.stats()["queued"] != 7 or q._in_flight != 5:
+        assert time.monotonic() < deadline, q.stats()
+        time.sleep(0.01)
+    stats = q.stats()
+    per_span = stats["queued_bytes"] / 7
+    assert per_span > 0 and stats["queued_bytes"] == 7 * round(per_span)
+    sender.release.set()
+    assert q.flush(5)
+    assert q.stats()["queued_bytes"] == 0
+    q.shutdown(1)
