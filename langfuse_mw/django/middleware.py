@@ -25,7 +25,7 @@ from django.utils.functional import LazyObject, empty  # type: ignore[import-unt
 
 from .. import runtime
 from .._wsgi import ResponseBody, begin, content_length
-from ..core import RequestState
+from ..core import RequestState, RequestTracer
 from . import conf
 
 __all__ = ["LangfuseMiddleware"]
@@ -72,10 +72,13 @@ class LangfuseMiddleware:
             _done(request, obs)
 
     async def __acall__(self, request: HttpRequest) -> Response:
-        if conf.state().tracer._identity_callables and _user_not_loaded(request):
+        tracer = conf.state().tracer
+        if tracer._identity_callables and _user_not_loaded(request) and _traced(tracer, request):
             # user_id_from / session_id_from are called here, in the event loop, where the
             # query behind a lazy request.user is refused (SynchronousOnlyOperation): load it
-            # first in Django's thread for sync code, as a sync request would have.
+            # first in Django's thread for sync code, as a sync request would have. Only for a
+            # request they are called for: an excluded one (probes, static files) or the
+            # health endpoint would pay a query and a turn of that one thread for nothing.
             await sync_to_async(_load_user, thread_sensitive=True)(request)
         obs = self._begin(request)
         if not isinstance(obs, RequestState):
@@ -150,6 +153,18 @@ class LangfuseMiddleware:
         # server once the client has its response.
         response.close = _ResponseClose(_close_response, response, obs)
         return response
+
+
+def _traced(tracer: RequestTracer, request: HttpRequest) -> bool:
+    # What _begin (and begin, for tracing that is off) decides before calling user_id_from /
+    # session_id_from.
+    rt = runtime._runtime
+    if rt is not None and not rt.enabled:
+        return False
+    path = request.path
+    if path == tracer.settings.health_path:
+        return False
+    return not tracer.is_excluded(request.method or "GET", path)
 
 
 def _user_not_loaded(request: HttpRequest) -> bool:
