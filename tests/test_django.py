@@ -252,6 +252,36 @@ def test_system_checks() -> None:
     assert _ids(MIDDLEWARE=[OURS, gzip, conditional]) == []
 
 
+@pytest.mark.parametrize(
+    "above",
+    [
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.locale.LocaleMiddleware",
+        "django.contrib.redirects.middleware.RedirectFallbackMiddleware",
+        "django.contrib.flatpages.middleware.FlatpageFallbackMiddleware",
+    ],
+)
+def test_a_middleware_above_that_replaces_404s_is_a_warning(above: str) -> None:
+    # Below CommonMiddleware an APPEND_SLASH redirect was recorded as the view's 404.
+    assert _ids(MIDDLEWARE=[above, OURS]) == ["langfuse_mw.W005"]
+    assert _ids(MIDDLEWARE=[OURS, above]) == []
+    common = above.endswith("CommonMiddleware")
+    assert _ids(MIDDLEWARE=[above, OURS], APPEND_SLASH=False) == (
+        [] if common else ["langfuse_mw.W005"]
+    )
+
+
+def test_above_common_middleware_an_append_slash_redirect_is_recorded_as_sent(
+    langfuse_capture: LangfuseCapture,
+) -> None:
+    middleware = [OURS, "django.middleware.common.CommonMiddleware"]
+    with override_settings(MIDDLEWARE=middleware, APPEND_SLASH=True):
+        response = Client().get("/slashed")
+    assert response.status_code == 301 and response["Location"] == "/slashed/"
+    root = langfuse_capture.single()
+    assert root["output"] == {"statusCode": 301}
+
+
 def test_get_request_context_inside_views(langfuse_capture: LangfuseCapture) -> None:
     body = Client().get("/ctx", headers={"x-session-id": "s-1"}).json()
     root = langfuse_capture.single(name="GET ctx")

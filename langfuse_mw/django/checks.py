@@ -24,6 +24,15 @@ RESPONSE_CHANGING = (
     "django.middleware.gzip.GZipMiddleware",
     "django.middleware.http.ConditionalGetMiddleware",
 )
+# Django's middleware that replace a 404 after the view: CommonMiddleware with APPEND_SLASH (a
+# redirect to the path with a slash), LocaleMiddleware (to the language's prefix), the
+# redirects and flatpages fallbacks (a redirect, a page).
+REPLACING_404 = (
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.contrib.redirects.middleware.RedirectFallbackMiddleware",
+    "django.contrib.flatpages.middleware.FlatpageFallbackMiddleware",
+)
 _DOCS = "See docs/django.md in langfuse-mw."
 
 
@@ -43,7 +52,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
 
 
 def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[Any]:
-    """E003: listed twice; W001: not listed; W002-W004: placed where it misses things."""
+    """E003: listed twice; W001: not listed; W002-W005: placed where it misses things."""
     middleware = [str(path) for path in getattr(settings, "MIDDLEWARE", None) or ()]
     found = [i for i, path in enumerate(middleware) if path in MIDDLEWARE_PATHS]
     if not found:
@@ -99,6 +108,22 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 "the 304 or the compressed body the client gets.",
                 hint="Move LangfuseMiddleware above them in MIDDLEWARE. " + _DOCS,
                 id="langfuse_mw.W004",
+            )
+        )
+    replacing = [
+        path
+        for path in middleware[:position]
+        if path in REPLACING_404 and (path != REPLACING_404[0] or settings.APPEND_SLASH)
+    ]
+    if replacing:
+        messages.append(
+            checks.Warning(
+                f"{', '.join(replacing)} above LangfuseMiddleware in MIDDLEWARE replace a 404 "
+                "after it (an APPEND_SLASH or language redirect, a fallback redirect or page): "
+                "the observation records a 404 the client never got.",
+                hint="Move LangfuseMiddleware above them in MIDDLEWARE, below "
+                "AuthenticationMiddleware (which may come before CommonMiddleware). " + _DOCS,
+                id="langfuse_mw.W005",
             )
         )
     return messages

@@ -20,6 +20,7 @@ ROUTES = [
     ("own-request-id", "own"),
     ("hello", "hello"),
     ("health", "hello"),
+    ("slashed/", "hello"),  # APPEND_SLASH redirects /slashed here
     ("file", "file"),
 ]
 
