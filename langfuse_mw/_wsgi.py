@@ -63,10 +63,17 @@ def begin(
     (``RequestTracer.begin_lazy``).
     """
 
-    info = functools.partial(environ_info, environ, keys, method, path, framework, raw)
+    get = environ.get
+    # The peer's address as the server gave it: a RequestInfo that is built only if the
+    # request is kept is built after the app ran, and middleware inside us may have rewritten
+    # the environ in place by then (werkzeug's ProxyFix sets REMOTE_ADDR from
+    # X-Forwarded-For); a sampled request reads it now, and so must a kept one (client ip,
+    # trusted_networks for user and session).
+    info = functools.partial(
+        environ_info, environ, keys, method, path, framework, raw, get("REMOTE_ADDR")
+    )
     if not tracer.may_sample_out:
         return tracer.begin(info())
-    get = environ.get
     return tracer.begin_lazy(
         path, get(_environ_key(tracer.request_id_header)), get("HTTP_TRACEPARENT"),
         get("HTTP_TRACESTATE"), get("HTTP_BAGGAGE"), info,
@@ -75,14 +82,13 @@ def begin(
 
 def environ_info(
     environ: Mapping[str, Any], keys: Mapping[str, str], method: str, path: str,
-    framework: str, raw: Any,
+    framework: str, raw: Any, client_ip: str | None,
 ) -> RequestInfo:  # fmt: skip
-    """A RequestInfo from a WSGI environ (or Django's ``request.META``: the same keys)."""
+    """A RequestInfo from a WSGI environ (or Django's ``request.META``: the same keys);
+    ``client_ip`` is REMOTE_ADDR as it was when the request arrived."""
     headers = {name: environ[key] for key, name in keys.items() if key in environ}
     query = environ.get("QUERY_STRING", "")
-    return RequestInfo(
-        method, path, query, headers, environ.get("REMOTE_ADDR"), framework, "http", raw
-    )
+    return RequestInfo(method, path, query, headers, client_ip, framework, "http", raw)
 
 
 def request_path(environ: Mapping[str, Any]) -> str:

@@ -78,6 +78,10 @@ class LangfuseMiddleware:
         )
         try:
             await self.app(scope, exchange.receive, exchange.send)
+            if obs.status is None and kind == "http" and not obs.ended:
+                # The app returned without answering (a client still there): the server
+                # answers 500 (uvicorn, hypercorn), a failure like an unhandled exception.
+                obs.status = 500
         except Exception as exc:
             if exc is exchange._answering:
                 # An error handler inside us answered it, then it was re-raised (Starlette's
@@ -117,7 +121,11 @@ class LangfuseMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _begin(self, scope: Scope, kind: str) -> RequestState | None:
-        return self.tracer.begin(self._info(scope, kind))
+        info = self._info(
+            scope, kind, scope.get("path", ""), scope.get("method", "GET"), scope.get("client"),
+            scope.get("headers") or (),
+        )  # fmt: skip
+        return self.tracer.begin(info)
 
     def _begin_http(self, scope: Scope, path: str) -> RequestState | None:
         # Sampling may drop it: read the few headers the decision needs and decide first
@@ -134,22 +142,32 @@ class LangfuseMiddleware:
         except Exception as exc:  # not the (name, value) pairs ASGI promises
             report("asgi.headers", exc)
             return None
+        # Read only if the request is kept, when the app has run: what the middleware inside
+        # us rewrites in place by then (uvicorn's ProxyHeadersMiddleware sets scope["client"],
+        # a method override scope["method"]) is taken as it was now, as a sampled request's
+        # is, so that client ip and trusted_networks (user, session) do not change.
         return self.tracer.begin_lazy(
             path,
             None if request_id is None else request_id.decode("latin-1"),
             None if traceparent is None else traceparent.decode("latin-1"),
             None if tracestate is None else tracestate.decode("latin-1"),
             None if baggage is None else baggage.decode("latin-1"),
-            functools.partial(self._info, scope, "http", path),
-        )
+            functools.partial(
+                self._info, scope, "http", path, scope.get("method", "GET"),
+                scope.get("client"), raw,
+            ),
+        )  # fmt: skip
 
-    def _info(self, scope: Scope, kind: str, path: str | None = None) -> RequestInfo:
-        """The core's view of the request; ``path`` as it was before routers rewrote it."""
+    def _info(
+        self, scope: Scope, kind: str, path: str, method: str, client: Any, raw_headers: Any
+    ) -> RequestInfo:
+        """The core's view of the request: ``path``, ``method``, ``client`` and the headers as
+        they were when it arrived (before routers and inner middleware rewrote them)."""
         wanted = self.tracer.header_keys
         headers: dict[str, str] = {}
         repeated: dict[str, list[str]] = {}
         # _joined's work, decoding and renaming as it goes (this runs for every traced request).
-        for name, value in scope.get("headers") or ():
+        for name, value in raw_headers:
             key = wanted.get(name)
             if key is not None:
                 text = value.decode("latin-1")
@@ -159,10 +177,9 @@ class LangfuseMiddleware:
                     repeated.setdefault(key, [headers[key]]).append(text)
         for key, parts in repeated.items():
             headers[key] = ",".join(parts)
-        client = scope.get("client")
         return RequestInfo(
-            scope.get("method", "GET"),
-            scope.get("path", "") if path is None else path,
+            method,
+            path,
             scope.get("query_string", b"").decode("latin-1"),
             headers,
             client[0] if client else None,
