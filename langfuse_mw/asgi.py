@@ -91,6 +91,10 @@ class LangfuseMiddleware:
             elif exchange._completed_ns and obs.ended:
                 # After the last byte: a BackgroundTask (the client has its response).
                 obs.record_late_exception(exc, exchange._route)
+            elif kind == "http" and obs.ended and obs.disconnected and not _left(exc):
+                # The request ended when the client left (ASGI 2.4 servers let the app run
+                # on), then the app failed on its own: not the client's doing, so an error.
+                obs.record_late_exception(exc, exchange._route, "after disconnect")
             elif isinstance(exchange, _WebSocketExchange) and exchange.is_client_close(exc):
                 pass  # the client's close surfacing in the app: recorded when it came
             else:
@@ -440,6 +444,12 @@ def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
         if key.lower() == header[0]:
             return message if headers is raw else {**message, "headers": headers}
     return {**message, "headers": [*headers, header]}
+
+
+def _left(exc: BaseException) -> bool:
+    # The client's leaving, surfacing in the app: a write that failed (OSError, as ASGI 2.4
+    # servers raise), or a read past the disconnect (Starlette's ClientDisconnect).
+    return isinstance(exc, OSError) or type(exc).__name__ == "ClientDisconnect"
 
 
 # An unhandled exception's request id, for the 500 that ServerErrorMiddleware answers.

@@ -417,18 +417,21 @@ class RequestState:
         raise NotImplementedError
 
     def record_late_exception(
-        self, exc: BaseException, route: Callable[[], str | None] | None = None
+        self,
+        exc: BaseException,
+        route: Callable[[], str | None] | None = None,
+        name: str = "after response",
     ) -> None:
         """The app failed after its response was complete (a BackgroundTask, a close callback).
 
-        Exported as an ERROR child observation, ``after response``, of the request's; the
-        request's own is exported too if sampling had dropped it. Never raises.
+        Exported as an ERROR child observation, ``name``, of the request's; the request's own
+        is exported too if sampling had dropped it. Never raises.
         """
         try:
             root = self._exported_root(route)
             queue = root.rt.queue if root is not None else None
             if root is not None and queue is not None:
-                record = AfterResponse(root, exc)
+                record = AfterResponse(root, exc, name)
                 queue.emit(record, record.approx_size(), True)
         except Exception as error:
             _failsafe.report("late_exception", error)
@@ -788,17 +791,18 @@ class Observation(RequestState, SpanRecord):
 
 
 class AfterResponse(SpanRecord):
-    """Work the app did after its response was complete, that failed: a child of the request's
-    observation named ``after response``, ERROR, with the exception (``record_late_exception``).
+    """Work the app did after its response was complete (or its client left), that failed: a
+    child of the request's observation named ``after response`` (``after disconnect``), ERROR,
+    with the exception (``record_late_exception``).
     """
 
     __slots__ = (
-        "end_ns", "error", "error_event", "parent", "resource", "root", "scope", "span_context",
-        "start_ns",
+        "end_ns", "error", "error_event", "name", "parent", "resource", "root", "scope",
+        "span_context", "start_ns",
     )  # fmt: skip
 
-    def __init__(self, root: Observation, exc: BaseException) -> None:
-        self.root, self.resource, self.scope = root, root.resource, root.scope
+    def __init__(self, root: Observation, exc: BaseException, name: str = "after response") -> None:
+        self.root, self.resource, self.scope, self.name = root, root.resource, root.scope, name
         self.parent = span = root.span_context
         self.span_context = _span_context(
             span.trace_id, _getrandbits(64) or 1, span.trace_flags.sampled, span.trace_state
@@ -818,4 +822,4 @@ class AfterResponse(SpanRecord):
             A_META + "requestId": encode_basestring(root.request_id),
         }
         add_identity(attrs, root.user_id, root.session_id, root.rt.environment)
-        return "after response", attrs, StatusCode.ERROR.value, self.error
+        return self.name, attrs, StatusCode.ERROR.value, self.error

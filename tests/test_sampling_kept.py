@@ -5,6 +5,7 @@ Cases beyond the shared ones (tests/test_sampling.py, tests/test_adapters_shared
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -118,3 +119,33 @@ async def test_an_app_that_returns_without_a_response_is_a_server_error_and_kept
         assert root["level"] == "ERROR" and root["status_message"] == "HTTP 500"
     assert dropped["metadata"]["keptBy"] == "error"
     assert comparable(dropped) == comparable(sampled)
+
+
+async def _fails_after_the_client_left(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"a", "more_body": True})
+    await asyncio.sleep(0.2)  # the client leaves meanwhile: the request ends there
+    raise RuntimeError("the model call failed")
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_a_stream_that_fails_after_the_client_left_is_an_error_after_the_disconnect(
+    langfuse_capture: LangfuseCapture, rate: float
+) -> None:
+    # An ASGI 2.4 server tells the app the client left and lets it run on; what it raises
+    # then was lost (the request had ended at the disconnect), and a dropped one was never
+    # kept. It is a child of the request, as a failure after the response is.
+    app = LangfuseMiddleware(_fails_after_the_client_left, sample_rate=rate)
+    result = asyncio.run(call(app, "/", disconnect_after_chunks=1))
+    assert isinstance(result.exception, RuntimeError)  # still the server's to see
+    root = langfuse_capture.single(name="GET <unmatched>")
+    assert root["metadata"]["disconnected"] is True
+    assert root["level"] == "WARNING"
+    assert root["status_message"].startswith("client disconnected")
+    assert root["metadata"].get("keptBy") == ("error" if rate == 0.0 else None)
+    child = langfuse_capture.single(name="after disconnect")
+    assert child["parent_span_id"] == root["span_id"]
+    assert (child["level"], child["status_message"]) == (
+        "ERROR",
+        "RuntimeError: the model call failed",
+    )
