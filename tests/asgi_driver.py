@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from langfuse_mw import LangfuseMiddleware
 
 
 @dataclass
@@ -78,6 +86,22 @@ async def call(
     except BaseException as exc:
         result.exception = exc
     return result
+
+
+def in_request(fn: Callable[[], Any], headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+    """Run ``fn()`` as the handler of a traced Starlette request; return what it returned
+    (awaited, when that is a coroutine)."""
+    box: dict[str, Any] = {}
+
+    async def handler(request: Request) -> Response:
+        box["value"] = fn()
+        if asyncio.iscoroutine(box["value"]):
+            box["value"] = await box["value"]
+        return Response("ok")
+
+    app = LangfuseMiddleware(Starlette(routes=[Route("/", handler)]))
+    asyncio.run(call(app, "/", headers=headers))
+    return box["value"]
 
 
 async def websocket(

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from langfuse_mw import LangfuseMiddleware, health, safe_trace
 from langfuse_mw.testing import LangfuseCapture
-from tests.asgi_driver import call
+from tests.asgi_driver import call, in_request
 
 pytestmark = pytest.mark.anyio
 
@@ -106,20 +106,6 @@ def test_generators_are_refused_at_decoration() -> None:
             yield 1
 
 
-def _in_request(fn: Any) -> Any:
-    """Run ``fn()`` as the handler of a traced request; return what it returned."""
-    box: dict[str, Any] = {}
-
-    async def handler(request: Request) -> Response:
-        box["value"] = fn()
-        if asyncio.iscoroutine(box["value"]):
-            box["value"] = await box["value"]
-        return Response("ok")
-
-    asyncio.run(call(LangfuseMiddleware(Starlette(routes=[Route("/", handler)])), "/"))
-    return box["value"]
-
-
 class _Unprintable(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no message")
@@ -138,7 +124,7 @@ def test_a_failure_while_recording_never_leaves_the_observation_current(
             failing()
         return otel_trace.get_current_span() is request_span
 
-    assert _in_request(handler) is True
+    assert in_request(handler) is True
     child = langfuse_capture.single(
         name="test_a_failure_while_recording_never_leaves_the_observation_current.<locals>.failing"
     )
@@ -158,7 +144,7 @@ def test_an_exception_without_a_message_is_named_by_its_type_alone(
             step()
         return True
 
-    assert _in_request(handler) is True
+    assert in_request(handler) is True
     child = langfuse_capture.single(name="step")
     assert (child["level"], child["status_message"]) == ("ERROR", type(exc).__name__)
 
@@ -188,8 +174,8 @@ def test_captured_values_are_bounded_named_and_never_fail_the_observation(
     for _ in range(100_000):  # deeper than the interpreter's recursion limit
         nested = [nested]
     big = list(range(3_000_000))
-    assert _in_request(lambda: work(big, b"\0" * 10, _Slow())) is big
-    assert _in_request(lambda: work(nested, b"", None)) is nested
+    assert in_request(lambda: work(big, b"\0" * 10, _Slow())) is big
+    assert in_request(lambda: work(nested, b"", None)) is nested
     first, deep = sorted(
         langfuse_capture.spans(
             name="test_captured_values_are_bounded_named_and_never_fail_the_observation.<locals>.work"
@@ -203,7 +189,7 @@ def test_captured_values_are_bounded_named_and_never_fail_the_observation(
     assert deep["input"].startswith('{"args": [[[[[') and len(deep["input"]) <= cut
     assert deep["output"].startswith("[[[[[") and len(deep["output"]) <= cut
     # Objects JSON does not know are named, never repr()'d (a __repr__ may be slow or raise).
-    assert _in_request(lambda: work([1], b"ab", _Slow())) == [1]
+    assert in_request(lambda: work([1], b"ab", _Slow())) == [1]
     small = [span for span in langfuse_capture.spans() if span["name"].endswith(".work")][-1]
     assert small["input"] == {"args": [[1], "<bytes: 2 bytes>", "<_Slow>"], "kwargs": {}}
 
@@ -216,8 +202,8 @@ def test_secrets_stay_out_of_names_and_captured_input(langfuse_capture: Langfuse
 
     traced = safe_trace(functools.partial(login, password="hunter2"))
     captured = safe_trace(capture_input=True)(login)
-    assert _in_request(lambda: traced("bob")) == "bob"
-    assert _in_request(lambda: captured("bob", "pa55word", api_key="k-123456")) == "bob"
+    assert in_request(lambda: traced("bob")) == "bob"
+    assert in_request(lambda: captured("bob", "pa55word", api_key="k-123456")) == "bob"
     names = {span["name"] for span in langfuse_capture.spans()}
     assert names >= {"test_secrets_stay_out_of_names_and_captured_input.<locals>.login"}
     exported = b"".join(langfuse_capture.sender.requests)
@@ -251,7 +237,7 @@ def test_methods_classmethods_staticmethods_and_async_callables(
             await remote(1)
         return Service.make(1) + Service().double(2)
 
-    assert _in_request(handler) == 6
+    assert in_request(handler) == 6
     call_span = langfuse_capture.single(name="remote")
     # Timed over the await, with the exception raised there.
     assert call_span["end_time_unix_nano"] - call_span["start_time_unix_nano"] >= 50_000_000

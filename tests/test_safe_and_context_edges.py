@@ -28,22 +28,12 @@ from langfuse_mw import (
 )
 from langfuse_mw.testing import LangfuseCapture
 from tests.apps import llm_call
-from tests.asgi_driver import call
+from tests.asgi_driver import call, in_request
 
 
 def _in_request(fn: Any, user: bytes = b"u-review") -> Any:
-    """Run ``fn()`` as the handler of a traced request; return what it returned."""
-    box: dict[str, Any] = {}
-
-    async def handler(request: Request) -> Response:
-        box["value"] = fn()
-        if asyncio.iscoroutine(box["value"]):
-            box["value"] = await box["value"]
-        return Response("ok")
-
-    app = LangfuseMiddleware(Starlette(routes=[Route("/", handler)]))
-    asyncio.run(call(app, "/", headers=[(b"x-user-id", user)]))
-    return box["value"]
+    """Run ``fn()`` as the handler of a traced request from ``user``; return what it returned."""
+    return in_request(fn, [(b"x-user-id", user)])
 
 
 class Invoice(pydantic.BaseModel):
