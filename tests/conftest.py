@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -9,6 +9,7 @@ import pytest
 
 from langfuse_mw import LangfuseMiddleware
 from tests import apps
+from tests.queue_support import RedisServer
 
 # No test may reach a real Langfuse: clear what a developer's shell might have set. Export
 # honours HTTP(S)_PROXY, and a proxy set in that shell must not stand between the tests and
@@ -25,6 +26,14 @@ FRAMEWORKS = ["starlette", "fastapi"]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server of its own, for the durable-export tests."""
+    server = RedisServer().start()
+    yield server
+    server.close()
 
 
 def traced_app(framework: str, placement: str = "add_middleware", **options: Any) -> Any:

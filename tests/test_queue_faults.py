@@ -36,13 +36,6 @@ from tests.servers import free_port
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def receiver() -> Iterator[DevServer]:
     server = DevServer().start()
     yield server

@@ -42,13 +42,6 @@ ROOT_NAME = "GET /items/{item_id}"
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def receiver() -> Iterator[DevServer]:
     server = DevServer().start()
     yield server

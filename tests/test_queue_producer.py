@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,13 +12,6 @@ from langfuse_mw.export import HttpSender
 from langfuse_mw.queue.producer import RedisSender
 from tests.queue_support import PUBLIC_KEY, STREAM, RedisServer, span, unencodable
 from tests.servers import ROOT
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 def test_queue_options_come_from_the_environment() -> None:
